@@ -1,0 +1,216 @@
+"""The checkpoint: the contract between stages.
+
+A checkpoint is a Hugging Face model directory (config.json, safetensors weights, tokenizer
+or processor files) whose config.json has a ``casp`` section:
+
+    "casp": {
+      "format_version": 1,
+      "casp_version": "0.1.0",
+      "base_model": "<what stage 1 started from>",
+      "architecture": "LlamaForCausalLM",
+      "stages": [{"stage": "lowrank", "settings": {...}, "fingerprint": "...",
+                  "seconds": 12.3, "date": "..."}],
+      "modules": {"model.layers.0.self_attn.q_proj":
+                    {"type": "lowrank", "in_features": 576, "out_features": 576,
+                     "rank": 72, "bias": false}, ...}
+    }
+
+Every module named in ``modules`` replaces the dense linear of that name; its tensors are
+stored under that name (``...q_proj.up.weight``, ``...q_proj.down.weight``). Everything else
+is stored exactly as transformers stores it. A checkpoint is written into a temporary
+directory beside the target and renamed when complete, so a directory that looks complete
+is complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from . import __version__
+from .errors import CaspError
+from .loading import LoadedModel, _preprocessors, architecture_of, resolve_device, resolve_dtype
+from .models import spec_for_architecture
+from .modules import build_module
+
+FORMAT_VERSION = 1
+log = logging.getLogger("casp")
+
+
+def read_casp_section(path: str | Path) -> dict | None:
+    """The casp section of a checkpoint directory, None if it has no config or section."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("casp")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CaspError(f"{cfg} is not valid JSON ({exc}); the checkpoint is corrupt: "
+                        "write it again")
+
+
+def check_output_dir(output: str | Path, fingerprint: str, overwrite: bool = False) -> bool:
+    """Decide, before any work, what to do with ``output``.
+
+    Returns True when ``output`` already holds this very result (same fingerprint): the
+    stage has nothing to do. Raises when it holds something else, unless ``overwrite``.
+    """
+    out = Path(output)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise CaspError(f"output {out} exists and is not a directory; choose another --output")
+    if not any(out.iterdir()) or overwrite:
+        return False
+    section = read_casp_section(out)
+    if section and section.get("stages") and section["stages"][-1].get("fingerprint") == fingerprint:
+        return True
+    raise CaspError(f"output directory {out} already holds a different checkpoint or other "
+                    "files; choose another --output or pass --overwrite")
+
+
+def build_section(loaded: LoadedModel, stage: str, settings: dict, fingerprint: str,
+                  changes: dict, seconds: float) -> dict:
+    """The casp section of the model after ``stage``, extending what the input had."""
+    previous = loaded.casp or {}
+    modules = dict(previous.get("modules", {}))
+    modules.update(changes)
+    return {
+        "format_version": FORMAT_VERSION,
+        "casp_version": __version__,
+        "base_model": previous.get("base_model", loaded.source),
+        "architecture": type(loaded.model).__name__,
+        "stages": list(previous.get("stages", [])) + [{
+            "stage": stage, "settings": settings, "fingerprint": fingerprint,
+            "seconds": round(seconds, 3),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }],
+        "modules": modules,
+    }
+
+
+def save_checkpoint(loaded: LoadedModel, output: str | Path, section: dict,
+                    overwrite: bool = False) -> Path:
+    """Write the model, its preprocessor and the casp section; atomic by rename."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        loaded.model.save_pretrained(tmp)
+        for pre in loaded.preprocessors():
+            pre.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["casp"] = section
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise CaspError(f"output directory {out} appeared while writing; not replacing it")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file (single file or sharded with an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CaspError(f"{index} is corrupt ({exc}); write the checkpoint again")
+        return {k: path / v for k, v in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CaspError(f"checkpoint {path} has no model.safetensors: it is partial or corrupt; "
+                        "write it again")
+    try:
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys()}
+    except Exception as exc:
+        raise CaspError(f"{single} cannot be read ({str(exc).splitlines()[0]}): the checkpoint is "
+                        "corrupt or partial; write it again")
+
+
+def load_checkpoint(path: str | Path, dtype: str = "auto", device: str = "cpu",
+                    with_preprocessors: bool = True) -> LoadedModel:
+    """Rebuild a casp checkpoint: the transformers model with every changed module back in
+    place, weights checked for completeness."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CaspError(f"checkpoint {path} does not exist; check the path")
+    section = read_casp_section(path)
+    if section is None:
+        raise CaspError(f"{path} is not a casp checkpoint (no config.json with a casp section); "
+                        "load plain models with transformers or pass them as --model")
+    if section.get("format_version", 0) > FORMAT_VERSION:
+        raise CaspError(f"{path} was written by a newer casp (format "
+                        f"{section.get('format_version')}); upgrade casp")
+    files = _weight_files(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = architecture_of(config)
+    spec = spec_for_architecture(arch)
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    modules = section.get("modules", {})
+
+    # The dense parts load through transformers; the replaced modules' tensors are then
+    # loaded from the same files. Anything else missing means the checkpoint is damaged.
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = getattr(transformers, arch).from_pretrained(
+            path, dtype=torch_dtype, output_loading_info=True)
+    except Exception as exc:
+        raise CaspError(f"checkpoint {path} cannot be loaded ({str(exc).splitlines()[0]}): it is "
+                        "corrupt or partial; write it again")
+    finally:
+        transformers.logging.set_verbosity(level)
+    replaced = tuple(name + "." for name in modules)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(replaced)]
+    if missing or info.get("mismatched_keys"):
+        bad = (missing or [m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]])
+        raise CaspError(f"checkpoint {path} is corrupt or partial: {len(bad)} tensors missing or "
+                        f"misshapen (first: {bad[0]}); write it again")
+
+    for name, description in modules.items():
+        module = build_module(description, torch_dtype)
+        state = {}
+        for key in module.state_dict():
+            full = f"{name}.{key}"
+            if full not in files:
+                raise CaspError(f"checkpoint {path} is partial: tensor {full} is missing; "
+                                "write it again")
+            with safe_open(str(files[full]), "pt") as f:
+                state[key] = f.get_tensor(full).to(torch_dtype)
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise CaspError(f"checkpoint {path} is corrupt: {name} does not match its "
+                            f"description ({str(exc).splitlines()[0]})")
+        model.set_submodule(name, module)
+    model.eval()
+    tokenizer = processor = None
+    if with_preprocessors:
+        tokenizer, processor = _preprocessors(str(path), {}, spec.multimodal)
+    return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, processor=processor,
+                       source=str(path), casp=section)
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> torch.nn.Module:
+    """Load a casp checkpoint as a ready-to-run transformers model (on ``device``)."""
+    loaded = load_checkpoint(path, dtype=dtype, device=device, with_preprocessors=False)
+    return loaded.model.to(resolve_device(device))

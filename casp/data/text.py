@@ -1,0 +1,166 @@
+"""Text for calibration and perplexity: bundled corpora, local files and hub datasets.
+
+Every source is a list of documents. ``train`` and ``test`` splits of a bundled or local
+source are its first 80% and last 20% of characters, cut at a document boundary, so that
+calibration never sees the evaluation text. Hub datasets use their own splits.
+"""
+from __future__ import annotations
+
+import lzma
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .. import assets
+from ..errors import CaspError
+
+TRAIN_FRACTION = 0.8
+SPLITS = ("train", "test", "all")
+
+
+@dataclass(frozen=True)
+class HubText:
+    path: str
+    name: str | None
+    splits: dict            # our split name -> the dataset's split name
+    data_files: dict | None = None
+    field: str = "text"
+    max_docs: int | None = None   # large corpora: the first documents are plenty
+
+
+HUB_DATASETS = {
+    "wikitext2": HubText("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}),
+    "c4": HubText(
+        "allenai/c4", None, {"train": "train", "test": "validation"},
+        data_files={"train": "en/c4-train.00000-of-01024.json.gz",
+                    "validation": "en/c4-validation.00000-of-00008.json.gz"},
+        max_docs=20000,
+    ),
+    "redpajama": HubText("togethercomputer/RedPajama-Data-1T-Sample", None,
+                         {"train": "train"}, max_docs=20000),
+}
+BUNDLED = ("wiki", "lee")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def bundled_wiki_documents() -> list[str]:
+    """105 English Wikipedia articles (CC BY-SA; see casp/data/bundled/ATTRIBUTION.md)."""
+    blob = resources.files("casp.data").joinpath("bundled/enwiki_sample.txt.xz").read_bytes()
+    return [d for d in lzma.decompress(blob).decode("utf-8").split("\n\n") if d.strip()]
+
+
+def lee_documents() -> list[str]:
+    """The Lee background corpus: 300 Australian news stories, one per line."""
+    text = assets.lee_corpus_file().read_text(encoding="utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _local_documents(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise CaspError(f"text file {path} does not exist; check the path")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [d for d in text.split("\n\n") if d.strip()]
+    import datasets
+
+    kind = "parquet" if path.suffix == ".parquet" else "json"
+    try:
+        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:
+        raise CaspError(f"could not read {path} as {kind}: {str(exc).splitlines()[0]}")
+    if field not in table.column_names:
+        raise CaspError(f"{path} has no {field!r} column (it has {table.column_names}); "
+                        "name the text column with --text-field")
+    return [t for t in table[field] if isinstance(t, str) and t.strip()]
+
+
+def _hub_documents(spec: HubText, split: str) -> list[str]:
+    if split not in spec.splits:
+        raise CaspError(f"hub dataset {spec.path} has no {split!r} split here; use one of "
+                        + ", ".join(spec.splits))
+    import datasets
+
+    hub_split = spec.splits[split]
+    kwargs = {"data_files": {hub_split: spec.data_files[hub_split]}} if spec.data_files else {}
+    if spec.max_docs:
+        hub_split = f"{hub_split}[:{spec.max_docs}]"
+    try:
+        table = datasets.load_dataset(spec.path, spec.name, split=hub_split, **kwargs)
+    except Exception as exc:
+        raise CaspError(f"could not load {spec.path} from the hub ({str(exc).splitlines()[0]}); "
+                        "without internet use a bundled corpus (wiki, lee) or a local file")
+    return [t for t in table[spec.field] if t.strip()]
+
+
+def split_documents(docs: list[str], split: str) -> list[str]:
+    """First 80% / last 20% of the characters, cut at a document boundary."""
+    if split == "all":
+        return docs
+    total = sum(len(d) for d in docs)
+    seen, cut = 0, len(docs)
+    for i, doc in enumerate(docs):
+        if seen >= TRAIN_FRACTION * total:
+            cut = i
+            break
+        seen += len(doc)
+    part = docs[:cut] if split == "train" else docs[cut:]
+    if not part:
+        raise CaspError(f"the text has too few documents for a {split!r} split; use --split all")
+    return part
+
+
+def load_documents(source: str, split: str | None = None, field: str = "text") -> list[str]:
+    """Documents of ``source``: a bundled name, a hub dataset name, or a local file.
+
+    ``split`` defaults to ``all`` for local files and ``train`` otherwise.
+    """
+    if split is not None and split not in SPLITS:
+        raise CaspError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    key = source.lower()
+    if key in HUB_DATASETS:
+        return _hub_documents(HUB_DATASETS[key], split or "train")
+    if key in BUNDLED:
+        docs = bundled_wiki_documents() if key == "wiki" else lee_documents()
+        return split_documents(docs, split or "train")
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        return split_documents(_local_documents(path, field), split or "all")
+    raise CaspError(f"unknown text source {source!r}; use a bundled corpus ({', '.join(BUNDLED)}), "
+                    f"a hub dataset ({', '.join(HUB_DATASETS)}) or a .txt/.jsonl/.parquet file")
+
+
+def tokenize_documents(tokenizer, docs: list[str], separator: str = "\n\n") -> torch.Tensor:
+    """Concatenate the documents (joined by ``separator``) and tokenize them as one stream."""
+    if tokenizer is None:
+        raise CaspError("the model has no tokenizer; give a model directory that includes one")
+    text = separator.join(docs)
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random offsets (reproducible by seed)."""
+    if nsamples < 1 or seqlen < 2:
+        raise CaspError("need at least one calibration sample of at least 2 tokens")
+    if ids.numel() < nsamples * seqlen:
+        raise CaspError(
+            f"calibration text too short: {ids.numel()} tokens, fewer than {nsamples} samples x "
+            f"{seqlen} tokens = {nsamples * seqlen}; lower --nsamples or --seqlen, or use more text")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+
+
+def consecutive_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None
+                        ) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start; the remainder is dropped."""
+    count = ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise CaspError(f"evaluation text too short: {ids.numel()} tokens, less than one window of "
+                        f"{seqlen}; lower --seqlen or use more text")
+    return ids[: count * seqlen].view(count, seqlen)

@@ -1,0 +1,296 @@
+"""The layer-wise engine: every stage of casp is a pass over the decoder layers.
+
+    calibration batches -> inputs of decoder layer 0 (captured once)
+    for each layer i:   a pass collects statistics of the layer's inputs and transforms it
+                        the layer runs to produce the inputs of layer i + 1
+    the changed modules are recorded for the checkpoint
+
+Memory stays bounded: only the current layer (and the activations) sit on the compute
+device; the rest of the model stays on the CPU. A pass is a small object with a
+``process(ctx)`` method; the :class:`LayerContext` gives it forward passes with hooks,
+input statistics and module replacement. With ``state_dir`` the engine saves each finished
+layer and resumes after an interruption by replaying the finished layers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CaspError
+from .models import ModelSpec
+from .modules import replace_modules
+from .stats import InputGram
+
+log = logging.getLogger("casp")
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def modules_outside_layers(model: nn.Module, layers_path: str) -> list[nn.Module]:
+    """The modules that are not on the path to the decoder layers (embeddings, vision
+    tower, rotary embedding, norm, lm_head, ...)."""
+    outside, node = [], model
+    for part in layers_path.split("."):
+        outside += [child for name, child in node.named_children() if name != part]
+        node = getattr(node, part)
+    return outside
+
+
+@dataclass
+class LayerInputs:
+    """What decoder layer i is called with, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[dict],
+                         device: torch.device, store: torch.device | None = None) -> LayerInputs:
+    """Run the model up to its first decoder layer on every batch and keep what the layer
+    receives (hidden states and keyword arguments such as position embeddings)."""
+    store = store or device
+    layers = spec.decoder_layers(model)
+    outside = modules_outside_layers(model, spec.layers)
+    hidden, kwargs_list = [], []
+
+    def catch(module, args, kwargs):
+        h = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(h.to(store))
+        kw = {k: _to(v, store) for k, v in kwargs.items() if k != "hidden_states"}
+        kw["use_cache"] = False
+        kw["past_key_values"] = None
+        kwargs_list.append(kw)
+        raise _StopForward
+
+    for m in outside:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**_to(batch, device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m in outside:
+            m.to("cpu")
+    if not hidden:
+        raise CaspError("no calibration batches were given")
+    return LayerInputs(hidden, kwargs_list)
+
+
+class LayerContext:
+    """What a pass sees of one decoder layer."""
+
+    def __init__(self, index: int, layer: nn.Module, spec: ModelSpec, inputs: LayerInputs,
+                 device: torch.device):
+        self.index = index
+        self.layer = layer
+        self.spec = spec
+        self.inputs = inputs
+        self.device = device
+        self.prefix = spec.layer_prefix(index)
+        self.changes: dict[str, dict] = {}   # full module name -> description
+        self.outputs: list[torch.Tensor] | None = None
+
+    def module(self, name: str) -> nn.Module:
+        return self.layer.get_submodule(name)
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    @torch.no_grad()
+    def forward(self, hooks: dict[str, Callable] | None = None, keep_outputs: bool = True
+                ) -> list[torch.Tensor] | None:
+        """Run the layer on every calibration batch. ``hooks`` maps a module name (relative
+        to the layer) to ``fn(module, inputs, output)``, called for every batch."""
+        handles = [self.module(n).register_forward_hook(fn) for n, fn in (hooks or {}).items()]
+        outputs = [] if keep_outputs else None
+        try:
+            for h, kw in zip(self.inputs.hidden, self.inputs.kwargs):
+                out = self.layer(h.to(self.device), **_to(kw, self.device))
+                out = out[0] if isinstance(out, tuple) else out
+                if keep_outputs:
+                    outputs.append(out.to(h.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    def input_grams(self, names: Iterable[str]) -> dict[str, InputGram]:
+        """Gram matrices of the inputs of the named linears, from one forward pass.
+        Linears fed the very same tensor (q, k, v) share one accumulator."""
+        grams: dict[str, InputGram] = {}
+        last_input: dict[int, tuple[torch.Tensor, InputGram]] = {}
+
+        def make_hook(name):
+            def hook(module, inputs, output):
+                x = inputs[0]
+                seen = last_input.get(id(x))
+                if name not in grams:
+                    if seen is not None and seen[0] is x:
+                        grams[name] = seen[1]
+                    else:
+                        grams[name] = InputGram(x.shape[-1], self.device)
+                if seen is None or seen[0] is not x:
+                    grams[name].add(x)
+                    last_input[id(x)] = (x, grams[name])
+            return hook
+
+        self.forward({n: make_hook(n) for n in names}, keep_outputs=False)
+        return grams
+
+    def replace(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` in place of the layer's submodule ``name`` and record it."""
+        self.layer.set_submodule(name, module)
+        self.changes[self.full_name(name)] = module.describe()
+
+
+class LayerPass:
+    """Base of every per-layer algorithm. Subclasses set ``name`` and implement ``process``.
+
+    ``propagate`` says which outputs feed the next layer: "transformed" (the layer after
+    this pass changed it; errors are seen and compensated downstream) or "original".
+    """
+
+    name = "pass"
+    propagate = "transformed"
+
+    def settings(self) -> dict:
+        """JSON-able settings, recorded in the checkpoint and in resume fingerprints."""
+        return {}
+
+    def process(self, ctx: LayerContext) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class LayerwiseResult:
+    changes: dict[str, dict] = field(default_factory=dict)
+    layer_seconds: list[float] = field(default_factory=list)
+    layers_done: list[int] = field(default_factory=list)
+
+
+def fingerprint(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _ResumeState:
+    """Finished layers saved one file each, plus a progress record."""
+
+    def __init__(self, root: Path, key: str):
+        self.root, self.key = root, key
+        self.progress_file = root / "progress.json"
+        if self.progress_file.is_file():
+            record = json.loads(self.progress_file.read_text())
+            if record.get("fingerprint") != key:
+                raise CaspError(f"{root} holds progress of a different run; delete it or change "
+                                "the output directory")
+            self.record = record
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            self.record = {"fingerprint": key, "done": [], "changes": {}, "seconds": {}}
+
+    def done(self, index: int) -> bool:
+        return index in self.record["done"]
+
+    def restore(self, index: int, layer: nn.Module, prefix: str, dtype: torch.dtype) -> dict:
+        changes = {n: d for n, d in self.record["changes"].items() if n.startswith(prefix + ".")}
+        replace_modules(layer, changes, dtype, prefix)
+        layer.load_state_dict(load_file(self.root / f"layer_{index:03d}.safetensors"), strict=True)
+        return changes
+
+    def save(self, index: int, layer: nn.Module, changes: dict, seconds: float) -> None:
+        tmp = self.root / f"layer_{index:03d}.safetensors.tmp"
+        state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
+        save_file(state, str(tmp))
+        tmp.replace(self.root / f"layer_{index:03d}.safetensors")
+        self.record["done"].append(index)
+        self.record["changes"].update(changes)
+        self.record["seconds"][str(index)] = seconds
+        tmp_record = self.progress_file.with_suffix(".tmp")
+        tmp_record.write_text(json.dumps(self.record, indent=1))
+        tmp_record.replace(self.progress_file)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_layerwise(model: nn.Module, spec: ModelSpec, inputs: LayerInputs,
+                  passes: list[LayerPass], device: torch.device,
+                  layers: Iterable[int] | None = None, state_dir: str | Path | None = None,
+                  run_key: dict | None = None, progress: bool = True) -> LayerwiseResult:
+    """Walk the decoder layers, applying ``passes`` to each selected layer.
+
+    ``layers`` restricts which layers are transformed (all by default); the walk stops after
+    the last selected one. ``inputs`` is consumed: its hidden states are replaced, layer by
+    layer, by the outputs. With ``state_dir``, finished layers are saved there and a rerun
+    with the same ``run_key`` resumes after the last finished layer.
+    """
+    decoder = spec.decoder_layers(model)
+    selected = sorted(set(range(len(decoder)) if layers is None else layers))
+    if not selected or selected[0] < 0 or selected[-1] >= len(decoder):
+        raise CaspError(f"layer selection {selected} outside the model's {len(decoder)} layers")
+    dtype = next(model.parameters()).dtype
+    key = fingerprint({"passes": [(p.name, p.settings()) for p in passes], "layers": selected,
+                       "run": run_key or {}})
+    state = _ResumeState(Path(state_dir), key) if state_dir else None
+    result = LayerwiseResult()
+    bar = tqdm(range(selected[-1] + 1), desc=" + ".join(p.name for p in passes),
+               unit="layer", disable=not progress)
+    for i in bar:
+        layer = decoder[i].to(device)
+        ctx = LayerContext(i, layer, spec, inputs, device)
+        start = time.perf_counter()
+        if state is not None and state.done(i):
+            result.changes.update(state.restore(i, layer, ctx.prefix, dtype))
+            bar.set_postfix_str(f"layer {i} restored")
+        elif i in selected:
+            original_outputs = None
+            for p in passes:
+                if p.propagate == "original" and original_outputs is None:
+                    original_outputs = ctx.forward()
+                p.process(ctx)
+            seconds = time.perf_counter() - start
+            result.changes.update(ctx.changes)
+            result.layer_seconds.append(seconds)
+            result.layers_done.append(i)
+            if state is not None:
+                state.save(i, layer, ctx.changes, seconds)
+            if original_outputs is not None:
+                ctx.outputs = original_outputs
+        if i < selected[-1]:
+            inputs.hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
+        decoder[i] = layer.to("cpu")
+    return result

@@ -1,0 +1,11 @@
+"""Llama and Llama-like decoder-only models (grouped-query attention included)."""
+from .base import ModelSpec
+
+LLAMA = ModelSpec(
+    name="llama",
+    # Mistral and Qwen2 share Llama's layer layout and module names.
+    architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+    layers="model.layers",
+    text_config="",
+    frozen=("model.embed_tokens", "model.norm", "lm_head"),
+)

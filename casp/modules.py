@@ -1,0 +1,45 @@
+"""Registry of the modules casp puts in place of a dense linear.
+
+Each such module can ``describe()`` itself as a small JSON-able dict and be rebuilt, empty,
+``from_description``. The checkpoint's ``casp.modules`` section and the per-layer resume
+state are both lists of these descriptions, so rebuilding a model is one loop.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from .errors import CaspError
+
+MODULE_TYPES: dict[str, type] = {}
+# Modules that define the built-in types (imported on first use, to keep imports acyclic).
+BUILTIN_TYPE_MODULES = ("casp.lowrank",)
+
+
+def register_module_type(cls):
+    MODULE_TYPES[cls.type_name] = cls
+    return cls
+
+
+def build_module(description: dict, dtype: torch.dtype) -> nn.Module:
+    for module_name in BUILTIN_TYPE_MODULES:
+        importlib.import_module(module_name)
+    kind = description.get("type")
+    if kind not in MODULE_TYPES:
+        raise CaspError(f"unknown module type {kind!r} in checkpoint; it was written by a newer "
+                        f"casp (known: {', '.join(MODULE_TYPES)}): upgrade casp")
+    return MODULE_TYPES[kind].from_description(description, dtype)
+
+
+def replace_modules(root: nn.Module, descriptions: dict[str, dict], dtype: torch.dtype,
+                    prefix: str = "") -> None:
+    """Install empty modules described by ``descriptions`` (names relative to ``root``,
+    after stripping ``prefix``)."""
+    for name, description in descriptions.items():
+        if prefix:
+            if not name.startswith(prefix + "."):
+                continue
+            name = name[len(prefix) + 1:]
+        root.set_submodule(name, build_module(description, dtype))
