@@ -16,8 +16,10 @@ or processor files) whose config.json has a ``casp`` section:
     }
 
 Every module named in ``modules`` replaces the dense linear of that name; its tensors are
-stored under that name (``...q_proj.up.weight``, ``...q_proj.down.weight``). Everything else
-is stored exactly as transformers stores it. A checkpoint is written into a temporary
+stored under that name (``...q_proj.up.weight``, ``...q_proj.down.weight``), in the key
+layout transformers writes for the architecture (LLaVA checkpoints use its legacy
+``language_model.model.layers...`` keys). Everything else is stored exactly as transformers
+stores it. A checkpoint is written into a temporary
 directory beside the target and renamed when complete, so a directory that looks complete
 is complete.
 """
@@ -38,7 +40,7 @@ from . import __version__
 from .errors import CaspError
 from .loading import LoadedModel, _preprocessors, architecture_of, resolve_device, resolve_dtype
 from .models import spec_for_architecture
-from .modules import build_module
+from .modules import replace_modules
 
 FORMAT_VERSION = 1
 log = logging.getLogger("casp")
@@ -160,48 +162,40 @@ def load_checkpoint(path: str | Path, dtype: str = "auto", device: str = "cpu",
     if section.get("format_version", 0) > FORMAT_VERSION:
         raise CaspError(f"{path} was written by a newer casp (format "
                         f"{section.get('format_version')}); upgrade casp")
-    files = _weight_files(path)
+    _weight_files(path)   # a clear error for a missing or unreadable weights file
     config = transformers.AutoConfig.from_pretrained(path)
     arch = architecture_of(config)
     spec = spec_for_architecture(arch)
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     modules = section.get("modules", {})
 
-    # The dense parts load through transformers; the replaced modules' tensors are then
-    # loaded from the same files. Anything else missing means the checkpoint is damaged.
+    # transformers builds the model, we put the replaced modules in place inside its
+    # constructor, and transformers then loads every tensor (its key renamings, sharding and
+    # tied weights included). Any tensor missing means the checkpoint is damaged.
+    base_cls = getattr(transformers, arch)
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        replace_modules(self, modules, dtype=None)
+
+    cls = type(base_cls.__name__, (base_cls,), {"__init__": __init__,
+                                                 "__module__": base_cls.__module__})
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model, info = getattr(transformers, arch).from_pretrained(
-            path, dtype=torch_dtype, output_loading_info=True)
+        model, info = cls.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
+    except CaspError:
+        raise
     except Exception as exc:
         raise CaspError(f"checkpoint {path} cannot be loaded ({str(exc).splitlines()[0]}): it is "
                         "corrupt or partial; write it again")
     finally:
         transformers.logging.set_verbosity(level)
-    replaced = tuple(name + "." for name in modules)
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith(replaced)]
-    if missing or info.get("mismatched_keys"):
-        bad = (missing or [m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]])
+    bad = list(info.get("missing_keys", [])) + [
+        m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys", [])]
+    if bad:
         raise CaspError(f"checkpoint {path} is corrupt or partial: {len(bad)} tensors missing or "
-                        f"misshapen (first: {bad[0]}); write it again")
-
-    for name, description in modules.items():
-        module = build_module(description, torch_dtype)
-        state = {}
-        for key in module.state_dict():
-            full = f"{name}.{key}"
-            if full not in files:
-                raise CaspError(f"checkpoint {path} is partial: tensor {full} is missing; "
-                                "write it again")
-            with safe_open(str(files[full]), "pt") as f:
-                state[key] = f.get_tensor(full).to(torch_dtype)
-        try:
-            module.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as exc:
-            raise CaspError(f"checkpoint {path} is corrupt: {name} does not match its "
-                            f"description ({str(exc).splitlines()[0]})")
-        model.set_submodule(name, module)
+                        f"misshapen (first: {sorted(bad)[0]}); write it again")
     model.eval()
     tokenizer = processor = None
     if with_preprocessors:

@@ -110,9 +110,9 @@ class LowRankLinear(nn.Module):
                 "bias": self.up.bias is not None}
 
     @classmethod
-    def from_description(cls, d: dict, dtype: torch.dtype) -> "LowRankLinear":
+    def from_description(cls, d: dict, dtype: torch.dtype | None = None) -> "LowRankLinear":
         return cls(d["in_features"], d["out_features"], d["rank"], d.get("bias", False),
-                   dtype=dtype, device="meta")
+                   dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -23,7 +23,7 @@ def register_module_type(cls):
     return cls
 
 
-def build_module(description: dict, dtype: torch.dtype) -> nn.Module:
+def build_module(description: dict, dtype: torch.dtype | None = None) -> nn.Module:
     for module_name in BUILTIN_TYPE_MODULES:
         importlib.import_module(module_name)
     kind = description.get("type")
@@ -33,10 +33,10 @@ def build_module(description: dict, dtype: torch.dtype) -> nn.Module:
     return MODULE_TYPES[kind].from_description(description, dtype)
 
 
-def replace_modules(root: nn.Module, descriptions: dict[str, dict], dtype: torch.dtype,
+def replace_modules(root: nn.Module, descriptions: dict[str, dict], dtype: torch.dtype | None,
                     prefix: str = "") -> None:
-    """Install empty modules described by ``descriptions`` (names relative to ``root``,
-    after stripping ``prefix``)."""
+    """Install uninitialised modules described by ``descriptions`` (names relative to
+    ``root`` after stripping ``prefix``), in ``dtype`` or the default dtype."""
     for name, description in descriptions.items():
         if prefix:
             if not name.startswith(prefix + "."):

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Stage 1 for LLaVA: data-aware low-rank W_q and W_k (paper defaults), written as a checkpoint
+# that the quantizer scripts read. Every value can be overridden from the environment, e.g.
+#   MODEL=llava-hf/llava-v1.6-vicuna-7b-hf OUTPUT=checkpoints/llava-next-7b-svd bash SVD/scripts/svd_llava.sh
+# For LLaVA-NeXT / LLaVA-NeXT-Video only MODEL (and OUTPUT) change: casp reads the
+# architecture from the model's config.
+set -euo pipefail
+source "$(dirname "$0")/../../scripts/casp_cmd.sh"
+
+MODEL=${MODEL:-llava-hf/llava-1.5-7b-hf}
+OUTPUT=${OUTPUT:-checkpoints/llava-1.5-7b-svd}
+COMPRESSION=${COMPRESSION:-0.75}    # 75% of W_q/W_k parameters removed (rank 512 at 4096)
+DATASET=${DATASET:-redpajama}       # the paper calibrates LLaVA with RedPajama text
+NSAMPLES=${NSAMPLES:-256}
+SEQLEN=${SEQLEN:-2048}
+SEED=${SEED:-3}
+BATCH_SIZE=${BATCH_SIZE:-8}
+DEVICE=${DEVICE:-auto}
+DTYPE=${DTYPE:-auto}
+EXTRA=${EXTRA:-}                    # more flags, e.g. "--mm-data instruct.json --image-root imgs"
+
+"$CASP" lowrank \
+  --model "$MODEL" \
+  --output "$OUTPUT" \
+  --compression "$COMPRESSION" \
+  --dataset "$DATASET" \
+  --nsamples "$NSAMPLES" \
+  --seqlen "$SEQLEN" \
+  --seed "$SEED" \
+  --batch-size "$BATCH_SIZE" \
+  --device "$DEVICE" \
+  --dtype "$DTYPE" \
+  $EXTRA

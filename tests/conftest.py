@@ -1,0 +1,15 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def calib_txt(tmp_path_factory):
+    from tiny import write_text
+
+    return write_text(tmp_path_factory.mktemp("text") / "calib.txt")

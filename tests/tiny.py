@@ -1,0 +1,109 @@
+"""Tiny random models of every supported architecture, built from configs in milliseconds,
+with a word-level tokenizer and (for LLaVA) a real processor, saved as HF directories."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+WORDS = ("the a of and to in is was for on with as by at from that it this be are an "
+         "cat dog red blue green shape circle square triangle big small image text model "
+         "layer weight bit rank low high river city north south year war king music art").split()
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
+VOCAB = SPECIALS + WORDS + [f"w{i}" for i in range(120)]
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", extra_special_tokens={"image_token": "<image>",
+                                                 "video_token": "<video>"})
+    return fast
+
+
+def text_config(layers: int = 3, context: int = 256) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=context,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def vision_config() -> transformers.CLIPVisionConfig:
+    return transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=28, patch_size=14,
+                                         projection_dim=32)
+
+
+ARCHITECTURES = ("llama", "llava", "llava_next", "llava_next_video")
+
+
+def build_model(kind: str, seed: int = 0, layers: int = 3, context: int = 256):
+    torch.manual_seed(seed)
+    tc = text_config(layers, context)
+    image_id, video_id = VOCAB.index("<image>"), VOCAB.index("<video>")
+    common = dict(text_config=tc.to_dict(), vision_config=vision_config().to_dict(),
+                  image_token_index=image_id, vision_feature_select_strategy="default",
+                  vision_feature_layer=-2)
+    pinpoints = PINPOINTS
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(tc)
+    elif kind == "llava":
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**common))
+    elif kind == "llava_next":
+        model = transformers.LlavaNextForConditionalGeneration(
+            transformers.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints))
+    elif kind == "llava_next_video":
+        model = transformers.LlavaNextVideoForConditionalGeneration(
+            transformers.LlavaNextVideoConfig(**common, image_grid_pinpoints=pinpoints,
+                                              video_token_index=video_id))
+    else:
+        raise ValueError(kind)
+    model.config.architectures = [type(model).__name__]
+    return model.eval()
+
+
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+
+def _pil(name: str):
+    # without torchvision (no CPU build here) transformers uses the PIL image processors
+    return getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+
+
+def llava_processor(tokenizer, kind: str = "llava"):
+    common = dict(tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+                  num_additional_image_tokens=1)
+    size = dict(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    if kind == "llava":
+        return transformers.LlavaProcessor(image_processor=_pil("CLIPImageProcessor")(**size),
+                                           **common)
+    return transformers.LlavaNextProcessor(
+        image_processor=_pil("LlavaNextImageProcessor")(**size, image_grid_pinpoints=PINPOINTS),
+        **common)
+
+
+def save_tiny(kind: str, directory: Path, seed: int = 0, layers: int = 3, context: int = 256
+              ) -> Path:
+    model = build_model(kind, seed, layers, context)
+    model.save_pretrained(directory)
+    tokenizer = tiny_tokenizer()
+    if kind in ("llava", "llava_next"):
+        llava_processor(tokenizer, kind).save_pretrained(directory)
+    else:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_text(path: Path, words: int = 20000, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(words // 100):
+        paragraphs.append(" ".join(rng.choice(WORDS) for _ in range(100)))
+    path.write_text("\n\n".join(paragraphs))
+    return path
