@@ -20,16 +20,20 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = [("fp", None, None), ("lowrank_whitened", "whitened", 0.5),
-           ("lowrank_whitened", "whitened", 0.75), ("lowrank_plain", "plain", 0.5),
-           ("lowrank_plain", "plain", 0.75)]
+# (method, compression, propagate): "transformed" feeds each layer the outputs of the already
+# factorised layers (casp's default); "original" collects every layer's statistics on the
+# original model's activations (what hooks on an unmodified model measure).
+CONFIGS = [(None, None, None),
+           ("whitened", 0.5, "transformed"), ("whitened", 0.75, "transformed"),
+           ("whitened", 0.5, "original"), ("whitened", 0.75, "original"),
+           ("plain", 0.5, "transformed"), ("plain", 0.75, "transformed")]
 
 
 def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
 
 
-def run_one(method: str, compression: float | None, args) -> dict:
+def run_one(method: str | None, compression: float | None, propagate: str | None, args) -> list:
     from casp.cli import _eval_ppl
     from casp.data.calibration import CalibrationConfig
     from casp.loading import load_pretrained
@@ -43,8 +47,8 @@ def run_one(method: str, compression: float | None, args) -> dict:
     if method is not None:
         calib = CalibrationConfig(dataset="wiki", split="train", nsamples=args.nsamples,
                                   seqlen=args.seqlen, seed=3, batch_size=8)
-        res = run_stage(loaded, "lowrank", [LowRankPass(compression=compression, method=method)],
-                        calib, device, progress=False)
+        lowrank = LowRankPass(compression=compression, method=method, propagate=propagate)
+        res = run_stage(loaded, "lowrank", [lowrank], calib, device, progress=False)
         seconds, stage_peak = res.seconds, res.peak_rss_gb
     rows = []
     for corpus in ("wiki", "lee"):
@@ -52,7 +56,7 @@ def run_one(method: str, compression: float | None, args) -> dict:
         rows.append({
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
             "method": "fp" if method is None else f"lowrank_{method}",
-            "compression": compression, "avg_bits": None, "corpus": corpus, "split": "test",
+            "compression": compression, "propagate": propagate, "avg_bits": None, "corpus": corpus, "split": "test",
             "ppl": round(ppl.ppl, 4), "eval_windows": ppl.windows, "eval_seqlen": ppl.seqlen,
             "eval_tokens": ppl.tokens, "quant_seconds": None,
             "lowrank_seconds": None if seconds is None else round(seconds, 2),
@@ -70,35 +74,38 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
     p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
-    p.add_argument("--one", nargs=2, metavar=("METHOD", "COMPRESSION"), help=argparse.SUPPRESS)
+    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        method = None if args.one[0] == "none" else args.one[0]
-        comp = None if args.one[1] == "none" else float(args.one[1])
-        print("ROWS " + json.dumps(run_one(method, comp, args)))
+        method, comp, propagate = (None if a == "none" else a for a in args.one)
+        print("ROWS " + json.dumps(run_one(method, comp and float(comp), propagate, args)))
         return
     rows = []
-    for _, method, comp in CONFIGS:
+    for method, comp, propagate in CONFIGS:
         cmd = [sys.executable, __file__, "--one", method or "none", str(comp or "none"),
+               propagate or "none",
                "--nsamples", str(args.nsamples), "--windows", str(args.windows),
                "--seqlen", str(args.seqlen)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         new = json.loads(next(l for l in out.splitlines() if l.startswith("ROWS "))[5:])
         for r in new:
-            print(f"{r['method']:18s} c={r['compression']} {r['corpus']:5s} ppl={r['ppl']:.2f} "
+            print(f"{r['method']:18s} c={r['compression']} {r['propagate']} {r['corpus']:5s} ppl={r['ppl']:.2f} "
                   f"time={r['lowrank_seconds']} peak={r['peak_mem_gb']} GB", flush=True)
         rows += new
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lowrank_quality.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| method | W_q/W_k compression | PPL wiki | PPL lee | low-rank time (s) | peak RSS (GB) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | W_q/W_k compression | statistics from | PPL wiki | PPL lee | "
+             "low-rank time (s) | peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
     by_key: dict = {}
     for r in rows:
-        by_key.setdefault((r["method"], r["compression"]), {})[r["corpus"]] = r
-    for (method, comp), d in by_key.items():
+        by_key.setdefault((r["method"], r["compression"], r["propagate"]), {})[r["corpus"]] = r
+    for (method, comp, propagate), d in by_key.items():
         w = d["wiki"]
-        lines.append(f"| {method} | {'-' if comp is None else f'{comp:.0%}'} | {w['ppl']:.2f} | "
-                     f"{d['lee']['ppl']:.2f} | {w['lowrank_seconds'] or '-'} | {w['peak_mem_gb']} |")
+        source = {"transformed": "compressed model", "original": "original model"}.get(
+            propagate, "-") if method == "lowrank_whitened" else "-"
+        lines.append(f"| {method} | {'-' if comp is None else f'{comp:.0%}'} | {source} | "
+                     f"{w['ppl']:.2f} | {d['lee']['ppl']:.2f} | {w['lowrank_seconds'] or '-'} | "
+                     f"{w['peak_mem_gb']} |")
     w = rows[0]
     lines.append("")
     lines.append(f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} tokens (wiki train, "

@@ -65,6 +65,7 @@ def check_output_dir(output: str | Path, fingerprint: str, overwrite: bool = Fal
     stage has nothing to do. Raises when it holds something else, unless ``overwrite``.
     """
     out = Path(output)
+    remove_stale_temporaries(out)
     if not out.exists():
         return False
     if not out.is_dir():
@@ -76,6 +77,17 @@ def check_output_dir(output: str | Path, fingerprint: str, overwrite: bool = Fal
         return True
     raise CaspError(f"output directory {out} already holds a different checkpoint or other "
                     "files; choose another --output or pass --overwrite")
+
+
+def remove_stale_temporaries(output: Path) -> None:
+    """Temporary directories of an earlier save that was killed (its pid is gone)."""
+    if not output.parent.is_dir():
+        return
+    for pattern in (f".{output.name}.tmp-*", f".{output.name}.old-*"):
+        for stale in output.parent.glob(pattern):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def build_section(loaded: LoadedModel, stage: str, settings: dict, fingerprint: str,

@@ -115,12 +115,24 @@ def _load_ranks(path: str | None) -> dict[str, int]:
 
 
 def cmd_lowrank(args) -> int:
+    from .checkpoint import check_output_dir, read_casp_section
+    from .layerwise import fingerprint
     from .loading import load_pretrained, resolve_device
     from .lowrank import LowRankPass
-    from .pipeline import run_stage
+    from .pipeline import run_stage, stage_key
 
     device = resolve_device(args.device)
     ranks = _load_ranks(args.ranks)
+    layers = _layers(args.layers)
+    lowrank = LowRankPass(compression=args.compression, method=args.method, ranks=ranks,
+                          propagate=args.propagate)
+    calibration = _calibration(args)
+    # settle the output directory before spending minutes on loading a large model
+    input_casp = read_casp_section(args.model) if Path(args.model).is_dir() else None
+    key = fingerprint(stage_key(args.model, input_casp, "lowrank", [lowrank], calibration, layers))
+    if check_output_dir(args.output, key, args.overwrite):
+        print(f"{args.output} is already done (same model and settings)")
+        return 0
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     if ranks:
         known = {f"{loaded.spec.layer_prefix(i)}.{t}"
@@ -130,10 +142,8 @@ def cmd_lowrank(args) -> int:
         if unknown:
             raise CaspError(f"ranks file names modules this model does not have (first: "
                             f"{unknown[0]}); use names such as {sorted(known)[0]}")
-    lowrank = LowRankPass(compression=args.compression, method=args.method, ranks=ranks,
-                          propagate=args.propagate)
-    result = run_stage(loaded, "lowrank", [lowrank], _calibration(args), device,
-                       output=args.output, overwrite=args.overwrite, layers=_layers(args.layers),
+    result = run_stage(loaded, "lowrank", [lowrank], calibration, device,
+                       output=args.output, overwrite=args.overwrite, layers=layers,
                        offload_activations=args.offload_activations)
     if result.skipped:
         print(f"{args.output} is already done (same model and settings)")
@@ -204,7 +214,7 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, read_casp_section
     from .data.calibration import CalibrationConfig
     from .loading import load_pretrained, resolve_device
     from .lowrank import LowRankPass
@@ -212,6 +222,9 @@ def cmd_demo(args) -> int:
 
     device = resolve_device(args.device)
     out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and read_casp_section(out) is None:
+        raise CaspError(f"{out} holds files that are not a casp checkpoint; the demo replaces its "
+                        "output, so choose another --output")
     print(f"casp demo: low-rank W_q/W_k on {DEMO_MODEL} ({args.compression:.0%} compression), "
           f"perplexity on the bundled Wikipedia text (test split, {args.max_windows} windows x "
           f"{args.seqlen} tokens)")
@@ -222,11 +235,12 @@ def cmd_demo(args) -> int:
                               seqlen=args.seqlen, seed=3)
     result = run_stage(loaded, "lowrank", [LowRankPass(compression=args.compression)], calib,
                        device, output=out, overwrite=True)
-    reloaded = load_checkpoint(out)
+    reloaded = load_checkpoint(out, device=args.device)
     after = _eval_ppl(reloaded, "wiki", "test", args.seqlen, args.max_windows, device)
     print(f"low-rank checkpoint (reloaded from {out}): {after.describe()}")
     print()
-    print(f"| model | PPL wiki (test, {args.max_windows}x{args.seqlen}) | stage time | peak RSS |")
+    print(f"| model | PPL wiki (test, {args.max_windows}x{args.seqlen}) | stage time | "
+          "process peak RSS |")
     print("|---|---|---|---|")
     print(f"| original | {before.ppl:.2f} | - | - |")
     print(f"| whitened low-rank q/k {args.compression:.0%} | {after.ppl:.2f} | "

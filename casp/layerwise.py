@@ -152,20 +152,17 @@ class LayerContext:
         """Gram matrices of the inputs of the named linears, from one forward pass.
         Linears fed the very same tensor (q, k, v) share one accumulator."""
         grams: dict[str, InputGram] = {}
-        last_input: dict[int, tuple[torch.Tensor, InputGram]] = {}
+        last: list = [None, None]   # the latest input tensor seen and its accumulator
 
         def make_hook(name):
             def hook(module, inputs, output):
                 x = inputs[0]
-                seen = last_input.get(id(x))
+                same = last[0] is x
                 if name not in grams:
-                    if seen is not None and seen[0] is x:
-                        grams[name] = seen[1]
-                    else:
-                        grams[name] = InputGram(x.shape[-1], self.device)
-                if seen is None or seen[0] is not x:
+                    grams[name] = last[1] if same else InputGram(x.shape[-1], self.device)
+                if not same:
                     grams[name].add(x)
-                    last_input[id(x)] = (x, grams[name])
+                    last[0], last[1] = x, grams[name]
             return hook
 
         self.forward({n: make_hook(n) for n in names}, keep_outputs=False)
@@ -209,14 +206,22 @@ def fingerprint(payload: dict) -> str:
 class _ResumeState:
     """Finished layers saved one file each, plus a progress record."""
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, replace_foreign: bool = False):
         self.root, self.key = root, key
         self.progress_file = root / "progress.json"
+        record = None
         if self.progress_file.is_file():
-            record = json.loads(self.progress_file.read_text())
+            try:
+                record = json.loads(self.progress_file.read_text())
+            except json.JSONDecodeError:
+                record = {}
             if record.get("fingerprint") != key:
-                raise CaspError(f"{root} holds progress of a different run; delete it or change "
-                                "the output directory")
+                if not replace_foreign:
+                    raise CaspError(f"{root} holds progress of a different run; delete it, pass "
+                                    "--overwrite, or change the output directory")
+                shutil.rmtree(root)
+                record = None
+        if record is not None:
             self.record = record
         else:
             root.mkdir(parents=True, exist_ok=True)
@@ -250,13 +255,15 @@ class _ResumeState:
 def run_layerwise(model: nn.Module, spec: ModelSpec, inputs: LayerInputs,
                   passes: list[LayerPass], device: torch.device,
                   layers: Iterable[int] | None = None, state_dir: str | Path | None = None,
-                  run_key: dict | None = None, progress: bool = True) -> LayerwiseResult:
+                  run_key: dict | None = None, progress: bool = True,
+                  replace_foreign_progress: bool = False) -> LayerwiseResult:
     """Walk the decoder layers, applying ``passes`` to each selected layer.
 
     ``layers`` restricts which layers are transformed (all by default); the walk stops after
     the last selected one. ``inputs`` is consumed: its hidden states are replaced, layer by
     layer, by the outputs. With ``state_dir``, finished layers are saved there and a rerun
-    with the same ``run_key`` resumes after the last finished layer.
+    with the same ``run_key`` resumes after the last finished layer; progress of a different
+    run there is an error, or is discarded with ``replace_foreign_progress``.
     """
     decoder = spec.decoder_layers(model)
     selected = sorted(set(range(len(decoder)) if layers is None else layers))
@@ -265,7 +272,7 @@ def run_layerwise(model: nn.Module, spec: ModelSpec, inputs: LayerInputs,
     dtype = next(model.parameters()).dtype
     key = fingerprint({"passes": [(p.name, p.settings()) for p in passes], "layers": selected,
                        "run": run_key or {}})
-    state = _ResumeState(Path(state_dir), key) if state_dir else None
+    state = _ResumeState(Path(state_dir), key, replace_foreign_progress) if state_dir else None
     result = LayerwiseResult()
     bar = tqdm(range(selected[-1] + 1), desc=" + ".join(p.name for p in passes),
                unit="layer", disable=not progress)
@@ -274,7 +281,10 @@ def run_layerwise(model: nn.Module, spec: ModelSpec, inputs: LayerInputs,
         ctx = LayerContext(i, layer, spec, inputs, device)
         start = time.perf_counter()
         if state is not None and state.done(i):
+            if any(p.propagate == "original" for p in passes) and i < selected[-1]:
+                ctx.outputs = ctx.forward()      # replay the original layer, as the first run did
             result.changes.update(state.restore(i, layer, ctx.prefix, dtype))
+            layer.to(device)                     # restored modules are built on the CPU
             bar.set_postfix_str(f"layer {i} restored")
         elif i in selected:
             original_outputs = None

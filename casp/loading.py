@@ -59,7 +59,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CaspError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CaspError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
 
 
 def architecture_of(config) -> str:
@@ -109,6 +112,8 @@ def _preprocessors(location: str, kwargs: dict, multimodal: bool):
     if multimodal:
         try:
             processor = transformers.AutoProcessor.from_pretrained(location, **kwargs)
+            if not hasattr(processor, "image_processor"):   # a directory with a tokenizer only
+                processor = None
             tokenizer = getattr(processor, "tokenizer", None)
         except Exception as exc:  # a bare config directory has no processor
             log.info("no processor loaded from %s (%s)", location, exc)
@@ -130,19 +135,24 @@ def load_pretrained(source: str, dtype: str = "auto", device: str = "auto") -> L
     if not kwargs and _is_casp_checkpoint(location):
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(location, dtype=dtype, device=device)
+        loaded = load_checkpoint(location, dtype=dtype, device=device)
+        loaded.source = source
+        return loaded
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     try:
         config = transformers.AutoConfig.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise CaspError(f"could not read the model config of {source}: {str(exc).splitlines()[0]}")
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CaspError(f"could not read the model config of {source}: {first}")
     arch = architecture_of(config)
     spec = spec_for_architecture(arch)
     cls = getattr(transformers, arch)
     try:
         model = cls.from_pretrained(location, dtype=torch_dtype, **kwargs)
-    except OSError as exc:
-        raise CaspError(f"could not load the weights of {source}: {str(exc).splitlines()[0]}")
+    except Exception as exc:   # missing, truncated or mismatched weights, a corrupt GGUF
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CaspError(f"could not load the weights of {source} ({first}); check that the "
+                        "model files are complete")
     if "gguf_file" in kwargs:
         _forget_gguf_quantization(model)
     model.config.architectures = [arch]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+from fractions import Fraction
 
 import torch
 from torch import nn
 
+from .errors import CaspError
 from .layerwise import LayerContext, LayerPass
 from .modules import register_module_type
 
@@ -23,8 +25,9 @@ log = logging.getLogger("casp")
 def rank_for_compression(out_features: int, in_features: int, compression: float) -> int:
     """Rank that keeps a fraction (1 - compression) of the dense parameter count:
     r = floor(rho * out * in / (out + in)), rho = 1 - compression."""
-    rho = 1.0 - compression
-    return max(1, int(math.floor(rho * out_features * in_features / (out_features + in_features))))
+    # exact arithmetic: 1 - 0.8 in floats is 0.19999..., which would lose one rank
+    rho = 1 - Fraction(str(compression))
+    return max(1, math.floor(rho * out_features * in_features / (out_features + in_features)))
 
 
 def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
@@ -33,17 +36,25 @@ def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
 
 def whitening_factor(gram: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor S of G (G = S S^T), in float64. If G is not positive definite
-    (too few tokens, dead channels), shift it by (-lambda_min + 1e-6) I and retry."""
+    (too few tokens, dead channels), shift it by (-lambda_min + eps) I and retry, eps = 1e-6
+    first (G is the per-token mean, so this is relative to the activations' scale), growing
+    tenfold while rounding still defeats the factorisation."""
     g = gram.to(torch.float64)
     factor, info = torch.linalg.cholesky_ex(g)
-    if int(info) != 0:
-        lam_min = torch.linalg.eigvalsh(g)[0].item()
-        shift = -lam_min + 1e-6
-        log.debug("Gram matrix not positive definite (lambda_min %.3g): adding %.3g I",
-                  lam_min, shift)
-        g = g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-        factor = torch.linalg.cholesky(g)
-    return factor
+    if int(info) == 0:
+        return factor
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    lam_min = torch.linalg.eigvalsh(g)[0].item()
+    eps = 1e-6 * max(1.0, g.diagonal().abs().mean().item())
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(g + (-lam_min + eps) * eye)
+        if int(info) == 0:
+            log.debug("Gram not positive definite (lambda_min %.3g): added %.3g I",
+                      lam_min, -lam_min + eps)
+            return factor
+        eps *= 10
+    raise CaspError("the calibration Gram matrix cannot be factorised (non-finite "
+                    "activations?); check the model's outputs on the calibration data")
 
 
 def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
@@ -160,6 +171,9 @@ class LowRankPass(LayerPass):
         grams = ctx.input_grams(targets) if self.method == "whitened" else {}
         for name in targets:
             linear = ctx.module(name)
+            if not isinstance(linear, nn.Linear):
+                raise CaspError(f"{ctx.full_name(name)} is already a {type(linear).__name__}, not "
+                                "a dense linear; run the low-rank stage on the original model")
             out_f, in_f = linear.weight.shape
             rank = self.rank_for(ctx.full_name(name), out_f, in_f)
             if not saves_parameters(out_f, in_f, rank):
@@ -167,7 +181,9 @@ class LowRankPass(LayerPass):
                 continue
             w = linear.weight.data
             if self.method == "whitened":
-                gram = grams[name].gram
+                # the per-token mean: same factors' product, scale independent of the token
+                # count, so the balanced factors have a stable range for quantization
+                gram = grams[name].mean()
                 up, down = whitened_svd(w.to(gram.device), gram, rank)
             else:
                 up, down = plain_svd(w, rank)

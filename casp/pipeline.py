@@ -43,17 +43,25 @@ def progress_dir(output: str | Path) -> Path:
     return out.parent / f".{out.name}.casp-progress"
 
 
+def stage_key(source: str, input_casp: dict | None, stage: str, passes: list[LayerPass],
+              calibration: CalibrationConfig, layers: list[int] | None) -> dict:
+    """What identifies a stage's result: a rerun with the same key has nothing to do."""
+    return {"source": source, "input_casp": (input_casp or {}).get("stages"), "stage": stage,
+            "passes": [(p.name, p.settings()) for p in passes],
+            "calibration": calibration.as_dict(), "layers": layers}
+
+
 def run_stage(loaded: LoadedModel, stage: str, passes: list[LayerPass],
               calibration: CalibrationConfig, device: torch.device,
               output: str | Path | None = None, overwrite: bool = False,
               layers: list[int] | None = None, offload_activations: bool = False,
               progress: bool = True) -> StageResult:
-    key_payload = {"source": loaded.source, "input_casp": (loaded.casp or {}).get("stages"),
-                   "stage": stage, "passes": [(p.name, p.settings()) for p in passes],
-                   "calibration": calibration.as_dict(), "layers": layers}
+    key_payload = stage_key(loaded.source, loaded.casp, stage, passes, calibration, layers)
     key = fingerprint(key_payload)
+    state = progress_dir(output) if output is not None else None
     if output is not None and check_output_dir(output, key, overwrite):
         log.info("%s already holds this %s result; nothing to do", output, stage)
+        shutil.rmtree(state, ignore_errors=True)
         return StageResult(output=Path(output), skipped=True)
     start = time.perf_counter()
     if device.type == "cuda":
@@ -65,9 +73,9 @@ def run_stage(loaded: LoadedModel, stage: str, passes: list[LayerPass],
     store = torch.device("cpu") if offload_activations else device
     inputs = capture_layer_inputs(loaded.model, loaded.spec, batches, device, store)
     del batches
-    state = progress_dir(output) if output is not None else None
     result = run_layerwise(loaded.model, loaded.spec, inputs, passes, device, layers=layers,
-                           state_dir=state, run_key=key_payload, progress=progress)
+                           state_dir=state, run_key=key_payload, progress=progress,
+                           replace_foreign_progress=overwrite)
     seconds = time.perf_counter() - start
     stage_result = StageResult(output=None, changes=result.changes, seconds=seconds,
                                peak_rss_gb=peak_rss_gb(), calibration_tokens=tokens)

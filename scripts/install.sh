@@ -11,12 +11,21 @@ fi
 PIP="$VENV/bin/python -m pip"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-    $PIP install --quiet "${TORCH_SPEC:-torch}"
+    $PIP install --quiet ${TORCH_SPEC:-torch}
   else
-    # The CPU build: never pull the multi-GB CUDA wheels on a CPU machine.
-    $PIP install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+    # The CPU build: never pull the multi-GB CUDA wheels on a CPU machine. Where pip does not
+    # already resolve torch==2.13.0 to a CPU wheel, set TORCH_SPEC, e.g.
+    # TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    $PIP install --quiet ${TORCH_SPEC:-torch==2.13.0}
   fi
 fi
-$PIP install --quiet -e ".[test]" 2>&1 | grep -v "is ignored: it is neither" || true
+log=$(mktemp)
+if ! $PIP install --quiet -e ".[test]" >"$log" 2>&1; then
+  grep -v "is ignored: it is neither" "$log" >&2
+  rm -f "$log"
+  echo "install.sh: installing casp failed (see above)" >&2
+  exit 1
+fi
+rm -f "$log"
 "$VENV/bin/python" -c "import casp, torch; print(f'casp {casp.__version__} installed (torch {torch.__version__})')"
 "$VENV/bin/casp" -q fetch >/dev/null

@@ -40,7 +40,10 @@ def vision_config() -> transformers.CLIPVisionConfig:
                                          projection_dim=32)
 
 
-ARCHITECTURES = ("llama", "llava", "llava_next", "llava_next_video")
+_SHARED_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "vocab_size",
+                     "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "llava", "llava_next", "llava_next_video")
 
 
 def build_model(kind: str, seed: int = 0, layers: int = 3, context: int = 256):
@@ -53,6 +56,12 @@ def build_model(kind: str, seed: int = 0, layers: int = 3, context: int = 256):
     pinpoints = PINPOINTS
     if kind == "llama":
         model = transformers.LlamaForCausalLM(tc)
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            **{k: v for k, v in tc.to_dict().items() if k in _SHARED_TEXT_KEYS}, head_dim=16))
+    elif kind == "qwen2":   # q/k/v carry biases
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **{k: v for k, v in tc.to_dict().items() if k in _SHARED_TEXT_KEYS}))
     elif kind == "llava":
         model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**common))
     elif kind == "llava_next":

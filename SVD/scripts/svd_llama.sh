@@ -3,8 +3,6 @@
 # context 4096, 75% compression, 256 RedPajama samples, seed 3). Override any value from the
 # environment, e.g. MODEL=smollm2-135m DATASET=wiki NSAMPLES=32 SEQLEN=512 bash SVD/scripts/svd_llama.sh
 set -euo pipefail
-source "$(dirname "$0")/../../scripts/casp_cmd.sh"
-
 MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
 OUTPUT=${OUTPUT:-checkpoints/llama-2-7b-svd}
 COMPRESSION=${COMPRESSION:-0.75}
@@ -17,15 +15,4 @@ DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}
 
-"$CASP" lowrank \
-  --model "$MODEL" \
-  --output "$OUTPUT" \
-  --compression "$COMPRESSION" \
-  --dataset "$DATASET" \
-  --nsamples "$NSAMPLES" \
-  --seqlen "$SEQLEN" \
-  --seed "$SEED" \
-  --batch-size "$BATCH_SIZE" \
-  --device "$DEVICE" \
-  --dtype "$DTYPE" \
-  $EXTRA
+source "$(dirname "$0")/lowrank_stage.sh"

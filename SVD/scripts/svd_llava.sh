@@ -5,8 +5,6 @@
 # For LLaVA-NeXT / LLaVA-NeXT-Video only MODEL (and OUTPUT) change: casp reads the
 # architecture from the model's config.
 set -euo pipefail
-source "$(dirname "$0")/../../scripts/casp_cmd.sh"
-
 MODEL=${MODEL:-llava-hf/llava-1.5-7b-hf}
 OUTPUT=${OUTPUT:-checkpoints/llava-1.5-7b-svd}
 COMPRESSION=${COMPRESSION:-0.75}    # 75% of W_q/W_k parameters removed (rank 512 at 4096)
@@ -19,15 +17,4 @@ DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                    # more flags, e.g. "--mm-data instruct.json --image-root imgs"
 
-"$CASP" lowrank \
-  --model "$MODEL" \
-  --output "$OUTPUT" \
-  --compression "$COMPRESSION" \
-  --dataset "$DATASET" \
-  --nsamples "$NSAMPLES" \
-  --seqlen "$SEQLEN" \
-  --seed "$SEED" \
-  --batch-size "$BATCH_SIZE" \
-  --device "$DEVICE" \
-  --dtype "$DTYPE" \
-  $EXTRA
+source "$(dirname "$0")/lowrank_stage.sh"

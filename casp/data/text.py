@@ -22,31 +22,43 @@ SPLITS = ("train", "test", "all")
 
 @dataclass(frozen=True)
 class HubText:
+    """A hub corpus and the protocol the literature uses for it."""
+
     path: str
     name: str | None
-    splits: dict            # our split name -> the dataset's split name
+    splits: dict                   # our split name -> the dataset's split name
     data_files: dict | None = None
     field: str = "text"
-    max_docs: int | None = None   # large corpora: the first documents are plenty
+    max_docs: dict | None = None   # per split: how many documents (the first, or a shuffle)
+    join: dict | None = None       # per split: join the documents into one with this string
+    streaming: bool = False        # large corpora: read only what is used
 
 
 HUB_DATASETS = {
-    "wikitext2": HubText("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}),
+    # GPTQ's protocol: every row of the split, empty ones included, joined by "\n\n".
+    "wikitext2": HubText("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"},
+                         join={"train": "\n\n", "test": "\n\n"}),
+    # GPTQ's protocol: the first validation shard, its first 1100 documents joined by " "
+    # (evaluate 256 windows of 2048 tokens with --max-windows 256); training from shard 0.
     "c4": HubText(
         "allenai/c4", None, {"train": "train", "test": "validation"},
         data_files={"train": "en/c4-train.00000-of-01024.json.gz",
                     "validation": "en/c4-validation.00000-of-00008.json.gz"},
-        max_docs=20000,
-    ),
-    "redpajama": HubText("togethercomputer/RedPajama-Data-1T-Sample", None,
-                         {"train": "train"}, max_docs=20000),
+        max_docs={"train": 20000, "validation": 1100}, join={"validation": " "}),
+    # The paper calibrates with RedPajama; the 1T sample's JSON-lines files, read as a stream
+    # and shuffled across its sources (arXiv, books, C4, CommonCrawl, GitHub, StackExchange,
+    # Wikipedia).
+    "redpajama": HubText(
+        "json", None, {"train": "train"},
+        data_files={"train": "hf://datasets/togethercomputer/RedPajama-Data-1T-Sample/*.jsonl"},
+        max_docs={"train": 20000}, streaming=True),
 }
 BUNDLED = ("wiki", "lee")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
 def bundled_wiki_documents() -> list[str]:
-    """105 English Wikipedia articles (CC BY-SA; see casp/data/bundled/ATTRIBUTION.md)."""
+    """106 English Wikipedia articles (CC BY-SA; see casp/data/bundled/ATTRIBUTION.md)."""
     blob = resources.files("casp.data").joinpath("bundled/enwiki_sample.txt.xz").read_bytes()
     return [d for d in lzma.decompress(blob).decode("utf-8").split("\n\n") if d.strip()]
 
@@ -84,14 +96,23 @@ def _hub_documents(spec: HubText, split: str) -> list[str]:
 
     hub_split = spec.splits[split]
     kwargs = {"data_files": {hub_split: spec.data_files[hub_split]}} if spec.data_files else {}
-    if spec.max_docs:
-        hub_split = f"{hub_split}[:{spec.max_docs}]"
+    limit = (spec.max_docs or {}).get(hub_split)
     try:
-        table = datasets.load_dataset(spec.path, spec.name, split=hub_split, **kwargs)
+        if spec.streaming:
+            stream = datasets.load_dataset(spec.path, spec.name, split=hub_split, streaming=True,
+                                           **kwargs).shuffle(seed=0, buffer_size=10_000)
+            texts = [row[spec.field] for row in stream.take(limit or 10_000)]
+        else:
+            sliced = f"{hub_split}[:{limit}]" if limit else hub_split
+            texts = datasets.load_dataset(spec.path, spec.name, split=sliced, **kwargs)[spec.field]
     except Exception as exc:
-        raise CaspError(f"could not load {spec.path} from the hub ({str(exc).splitlines()[0]}); "
-                        "without internet use a bundled corpus (wiki, lee) or a local file")
-    return [t for t in table[spec.field] if t.strip()]
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CaspError(f"could not load {spec.path} from the hub ({first}); without internet "
+                        "use a bundled corpus (wiki, lee) or a local file")
+    joiner = (spec.join or {}).get(hub_split)
+    if joiner is not None:
+        return [joiner.join(texts)]
+    return [t for t in texts if t.strip()]
 
 
 def split_documents(docs: list[str], split: str) -> list[str]:
