@@ -95,7 +95,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lowrank_quality.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| method | W_q/W_k compression | statistics from | PPL wiki | PPL lee | "
-             "low-rank time (s) | peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
+             "low-rank time (s) | process peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
     by_key: dict = {}
     for r in rows:
         by_key.setdefault((r["method"], r["compression"], r["propagate"]), {})[r["corpus"]] = r

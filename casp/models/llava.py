@@ -2,7 +2,6 @@
 Llama-style language model. Only the language model's decoder layers are ever changed."""
 from .base import ModelSpec
 
-_LANGUAGE_LAYERS = "model.language_model.layers"
 _FROZEN = (
     "model.vision_tower",
     "model.multi_modal_projector",
@@ -11,29 +10,14 @@ _FROZEN = (
     "lm_head",
 )
 
-LLAVA = ModelSpec(
-    name="llava",
-    architectures=("LlavaForConditionalGeneration",),
-    layers=_LANGUAGE_LAYERS,
-    text_config="text_config",
-    frozen=_FROZEN,
-    multimodal=True,
-)
 
-LLAVA_NEXT = ModelSpec(
-    name="llava_next",
-    architectures=("LlavaNextForConditionalGeneration",),
-    layers=_LANGUAGE_LAYERS,
-    text_config="text_config",
-    frozen=_FROZEN + ("model.image_newline",),
-    multimodal=True,
-)
+def _llava(name: str, architecture: str, also_frozen: tuple[str, ...] = ()) -> ModelSpec:
+    return ModelSpec(name=name, architectures=(architecture,),
+                     layers="model.language_model.layers", text_config="text_config",
+                     frozen=_FROZEN + also_frozen, multimodal=True)
 
-LLAVA_NEXT_VIDEO = ModelSpec(
-    name="llava_next_video",
-    architectures=("LlavaNextVideoForConditionalGeneration",),
-    layers=_LANGUAGE_LAYERS,
-    text_config="text_config",
-    frozen=_FROZEN + ("model.image_newline", "model.vision_resampler"),
-    multimodal=True,
-)
+
+LLAVA = _llava("llava", "LlavaForConditionalGeneration")
+LLAVA_NEXT = _llava("llava_next", "LlavaNextForConditionalGeneration", ("model.image_newline",))
+LLAVA_NEXT_VIDEO = _llava("llava_next_video", "LlavaNextVideoForConditionalGeneration",
+                          ("model.image_newline", "model.vision_resampler"))
