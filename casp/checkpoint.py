@@ -91,7 +91,7 @@ def remove_stale_temporaries(output: Path) -> None:
 
 
 def build_section(loaded: LoadedModel, stage: str, settings: dict, fingerprint: str,
-                  changes: dict, seconds: float) -> dict:
+                  changes: dict, seconds: float, report: dict | None = None) -> dict:
     """The casp section of the model after ``stage``, extending what the input had."""
     previous = loaded.casp or {}
     modules = dict(previous.get("modules", {}))
@@ -105,6 +105,7 @@ def build_section(loaded: LoadedModel, stage: str, settings: dict, fingerprint: 
             "stage": stage, "settings": settings, "fingerprint": fingerprint,
             "seconds": round(seconds, 3),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "report": report or {},
         }],
         "modules": modules,
     }

@@ -150,6 +150,11 @@ def cmd_lowrank(args) -> int:
         return 0
     saved = sum(d["rank"] * (d["in_features"] + d["out_features"]) for d in result.changes.values())
     dense = sum(d["in_features"] * d["out_features"] for d in result.changes.values())
+    errors = [d["relative_error"] for d in result.changes.values() if "relative_error" in d]
+    if errors:
+        kind = "output" if args.method == "whitened" else "weight"
+        print(f"relative {kind} error per module: mean {sum(errors) / len(errors):.4f}, "
+              f"max {max(errors):.4f} (per module: casp info -v {args.output})")
     print(f"low-rank ({args.method}, compression {args.compression}): {len(result.changes)} "
           f"modules, {dense:,} -> {saved:,} parameters, {result.seconds:.1f} s, peak RSS "
           f"{result.peak_rss_gb:.2f} GB" + (f", peak CUDA {result.peak_cuda_gb:.2f} GB"

@@ -191,6 +191,10 @@ class LayerPass:
     def process(self, ctx: LayerContext) -> None:
         raise NotImplementedError
 
+    def summary(self) -> dict:
+        """What the pass measured (errors, scores), recorded with the stage."""
+        return {}
+
 
 @dataclass
 class LayerwiseResult:

@@ -63,23 +63,42 @@ def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (up: out x r, down: r x in), float64, with up @ down the rank-r matrix that
-    minimises ||(W - W') X||_F for inputs with Gram matrix ``gram``."""
+def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error of keeping the first ``rank`` singular values."""
+    energy = singular_values.pow(2)
+    return (energy[rank:].sum() / energy.sum().clamp_min(1e-300)).sqrt().item()
+
+
+def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`whitened_svd` plus the singular values of W S (their tail is the error)."""
     w = weight.to(torch.float64)
     s_factor = whitening_factor(gram.to(w.device))
     u, s, vh = torch.linalg.svd(w @ s_factor, full_matrices=False)
     up, down_white = _balanced(u, s, vh, rank)
     # down = down_white @ S^-1, i.e. solve down @ S = down_white (S lower-triangular)
     down = torch.linalg.solve_triangular(s_factor, down_white, upper=False, left=False)
+    return up, down, s
+
+
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (up: out x r, down: r x in), float64, with up @ down the rank-r matrix that
+    minimises ||(W - W') X||_F for inputs with Gram matrix ``gram``."""
+    up, down, _ = whitened_factors(weight, gram, rank)
     return up, down
+
+
+def plain_factors(weight: torch.Tensor, rank: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    return (*_balanced(u, s, vh, rank), s)
 
 
 def plain_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of W itself (no data): the baseline whitening is compared with."""
-    u, s, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
-    return _balanced(u, s, vh, rank)
+    up, down, _ = plain_factors(weight, rank)
+    return up, down
 
 
 @register_module_type
@@ -154,7 +173,6 @@ class LowRankPass(LayerPass):
         self.ranks = dict(ranks or {})
         self.targets = targets
         self.propagate = propagate
-        self.report: list[dict] = []
 
     def settings(self) -> dict:
         return {"compression": self.compression, "method": self.method, "ranks": self.ranks,
@@ -184,11 +202,13 @@ class LowRankPass(LayerPass):
                 # the per-token mean: same factors' product, scale independent of the token
                 # count, so the balanced factors have a stable range for quantization
                 gram = grams[name].mean()
-                up, down = whitened_svd(w.to(gram.device), gram, rank)
+                up, down, spectrum = whitened_factors(w.to(gram.device), gram, rank)
             else:
-                up, down = plain_svd(w, rank)
+                up, down, spectrum = plain_factors(w, rank)
             bias = linear.bias.data if linear.bias is not None else None
             ctx.replace(name, LowRankLinear.from_factors(up.to(w.device), down.to(w.device),
                                                          bias, w.dtype))
-            self.report.append({"module": ctx.full_name(name), "rank": rank,
-                                "shape": [out_f, in_f]})
+            # recorded with the module: ||(W - W') X|| / ||W X|| on the calibration inputs
+            # (whitened) or ||W - W'|| / ||W|| (plain); free from the spectrum
+            ctx.changes[ctx.full_name(name)]["relative_error"] = round(
+                truncation_error(spectrum, rank), 6)

@@ -104,3 +104,15 @@ def test_lowrank_linear_matches_dense_product():
     assert torch.allclose(module(x), x @ (up @ down).T + bias, atol=1e-5)
     assert module.describe() == {"type": "lowrank", "in_features": 8, "out_features": 12,
                                  "rank": 3, "bias": True}
+
+
+def test_truncation_error_is_the_measured_relative_output_error():
+    from casp.lowrank import truncation_error, whitened_factors
+
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 16, generator=gen, dtype=torch.float64)
+    x = correlated_inputs(16, 300, 11)
+    up, down, spectrum = whitened_factors(w, x @ x.T / 300, 5)
+    measured = output_error(w, up @ down, x) / torch.linalg.norm(w @ x).item()
+    assert truncation_error(spectrum, 5) == pytest.approx(measured, rel=1e-6)
+    assert truncation_error(spectrum, 16) == pytest.approx(0, abs=1e-12)
