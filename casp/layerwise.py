@@ -252,9 +252,6 @@ class _ResumeState:
         tmp_record.write_text(json.dumps(self.record, indent=1))
         tmp_record.replace(self.progress_file)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
 
 def run_layerwise(model: nn.Module, spec: ModelSpec, inputs: LayerInputs,
                   passes: list[LayerPass], device: torch.device,
