@@ -91,7 +91,7 @@ def remove_stale_temporaries(output: Path) -> None:
 
 
 def build_section(loaded: LoadedModel, stage: str, settings: dict, fingerprint: str,
-                  changes: dict, seconds: float, report: dict | None = None) -> dict:
+                  changes: dict, seconds: float) -> dict:
     """The casp section of the model after ``stage``, extending what the input had."""
     previous = loaded.casp or {}
     modules = dict(previous.get("modules", {}))
@@ -105,7 +105,6 @@ def build_section(loaded: LoadedModel, stage: str, settings: dict, fingerprint: 
             "stage": stage, "settings": settings, "fingerprint": fingerprint,
             "seconds": round(seconds, 3),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "report": report or {},
         }],
         "modules": modules,
     }
@@ -140,22 +139,23 @@ def save_checkpoint(loaded: LoadedModel, output: str | Path, section: dict,
     return out
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file (single file or sharded with an index)."""
+def _check_weight_files(path: Path) -> None:
+    """A clear error for a missing or unreadable weights file (single or sharded); what is
+    inside is checked when transformers loads it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
             raise CaspError(f"{index} is corrupt ({exc}); write the checkpoint again")
-        return {k: path / v for k, v in weight_map.items()}
+        return
     single = path / "model.safetensors"
     if not single.is_file():
         raise CaspError(f"checkpoint {path} has no model.safetensors: it is partial or corrupt; "
                         "write it again")
     try:
         with safe_open(str(single), "pt") as f:
-            return {k: single for k in f.keys()}
+            f.keys()
     except Exception as exc:
         raise CaspError(f"{single} cannot be read ({str(exc).splitlines()[0]}): the checkpoint is "
                         "corrupt or partial; write it again")
@@ -175,7 +175,7 @@ def load_checkpoint(path: str | Path, dtype: str = "auto", device: str = "cpu",
     if section.get("format_version", 0) > FORMAT_VERSION:
         raise CaspError(f"{path} was written by a newer casp (format "
                         f"{section.get('format_version')}); upgrade casp")
-    _weight_files(path)   # a clear error for a missing or unreadable weights file
+    _check_weight_files(path)
     config = transformers.AutoConfig.from_pretrained(path)
     arch = architecture_of(config)
     spec = spec_for_architecture(arch)

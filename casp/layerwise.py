@@ -191,10 +191,6 @@ class LayerPass:
     def process(self, ctx: LayerContext) -> None:
         raise NotImplementedError
 
-    def summary(self) -> dict:
-        """What the pass measured (errors, scores), recorded with the stage."""
-        return {}
-
 
 @dataclass
 class LayerwiseResult:
@@ -213,23 +209,26 @@ class _ResumeState:
     def __init__(self, root: Path, key: str, replace_foreign: bool = False):
         self.root, self.key = root, key
         self.progress_file = root / "progress.json"
-        record = None
-        if self.progress_file.is_file():
-            try:
-                record = json.loads(self.progress_file.read_text())
-            except json.JSONDecodeError:
-                record = {}
-            if record.get("fingerprint") != key:
-                if not replace_foreign:
-                    raise CaspError(f"{root} holds progress of a different run; delete it, pass "
-                                    "--overwrite, or change the output directory")
-                shutil.rmtree(root)
-                record = None
-        if record is not None:
-            self.record = record
-        else:
+        record = self._read()
+        if record is not None and record.get("fingerprint") != key:
+            if not replace_foreign:
+                raise CaspError(f"{root} holds progress of a different run; delete it, pass "
+                                "--overwrite, or change the output directory")
+            shutil.rmtree(root)
+            record = None
+        if record is None:
             root.mkdir(parents=True, exist_ok=True)
-            self.record = {"fingerprint": key, "done": [], "changes": {}, "seconds": {}}
+            record = {"fingerprint": key, "done": [], "changes": {}, "seconds": {}}
+        self.record = record
+
+    def _read(self) -> dict | None:
+        """The progress record; {} if unreadable (treated as another run's), None if absent."""
+        if not self.progress_file.is_file():
+            return None
+        try:
+            return json.loads(self.progress_file.read_text())
+        except json.JSONDecodeError:
+            return {}
 
     def done(self, index: int) -> bool:
         return index in self.record["done"]

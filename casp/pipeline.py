@@ -84,8 +84,7 @@ def run_stage(loaded: LoadedModel, stage: str, passes: list[LayerPass],
     settings = {"passes": {p.name: p.settings() for p in passes},
                 "calibration": calibration.as_dict(), "layers": layers}
     if output is not None:
-        report = {p.name: p.summary() for p in passes if p.summary()}
-        section = build_section(loaded, stage, settings, key, result.changes, seconds, report)
+        section = build_section(loaded, stage, settings, key, result.changes, seconds)
         save_checkpoint(loaded, output, section, overwrite=overwrite)
         shutil.rmtree(state, ignore_errors=True)
         stage_result.output = Path(output)
