@@ -39,6 +39,10 @@ class _StopForward(Exception):
     pass
 
 
+class StopLayer(Exception):
+    """Raised by a forward hook to end a layer's forward pass early."""
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
@@ -134,12 +138,17 @@ class LayerContext:
     def forward(self, hooks: dict[str, Callable] | None = None, keep_outputs: bool = True
                 ) -> list[torch.Tensor] | None:
         """Run the layer on every calibration batch. ``hooks`` maps a module name (relative
-        to the layer) to ``fn(module, inputs, output)``, called for every batch."""
+        to the layer) to ``fn(module, inputs, output)``, called for every batch; a hook may
+        raise :class:`StopLayer` to end that batch's forward early (when it has what it
+        needs), in which case no outputs are kept."""
         handles = [self.module(n).register_forward_hook(fn) for n, fn in (hooks or {}).items()]
         outputs = [] if keep_outputs else None
         try:
             for h, kw in zip(self.inputs.hidden, self.inputs.kwargs):
-                out = self.layer(h.to(self.device), **_to(kw, self.device))
+                try:
+                    out = self.layer(h.to(self.device), **_to(kw, self.device))
+                except StopLayer:
+                    continue
                 out = out[0] if isinstance(out, tuple) else out
                 if keep_outputs:
                     outputs.append(out.to(h.device))
@@ -149,10 +158,13 @@ class LayerContext:
         return outputs
 
     def input_grams(self, names: Iterable[str]) -> dict[str, InputGram]:
-        """Gram matrices of the inputs of the named linears, from one forward pass.
-        Linears fed the very same tensor (q, k, v) share one accumulator."""
+        """Gram matrices of the inputs of the named linears, from one forward pass that
+        stops, batch by batch, as soon as every named linear has run. Linears fed the very
+        same tensor (q, k, v) share one accumulator."""
+        names = list(names)
         grams: dict[str, InputGram] = {}
         last: list = [None, None]   # the latest input tensor seen and its accumulator
+        seen: set[str] = set()
 
         def make_hook(name):
             def hook(module, inputs, output):
@@ -163,6 +175,11 @@ class LayerContext:
                 if not same:
                     grams[name].add(x)
                     last[0], last[1] = x, grams[name]
+                seen.add(name)
+                if len(seen) == len(names):
+                    seen.clear()
+                    last[0] = None
+                    raise StopLayer
             return hook
 
         self.forward({n: make_hook(n) for n in names}, keep_outputs=False)

@@ -15,7 +15,7 @@ from .errors import CaspError
 
 MODULE_TYPES: dict[str, type] = {}
 # Modules that define the built-in types (imported on first use, to keep imports acyclic).
-BUILTIN_TYPE_MODULES = ("casp.lowrank",)
+BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.qlinear")
 
 
 def register_module_type(cls):

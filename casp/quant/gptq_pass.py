@@ -1,0 +1,77 @@
+"""GPTQ as a pass of the layer-wise engine: each linear at the bits and group size the plan
+gives it, in true-sequential order (q/k factors and v, then the q/k up factors, then o,
+then gate/up, then down), each group's Hessian taken from inputs that already went through
+the quantized modules before it."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import CaspError
+from ..layerwise import LayerContext, LayerPass
+from .common import layer_quantization_groups
+from .gptq import check_bits, gptq_quantize, weighted_error
+from .qlinear import GPTQLinear
+
+log = logging.getLogger("casp")
+
+
+class GPTQPass(LayerPass):
+    """Args:
+        bits, group_size: the setting of every module the plan does not name (-1 group size:
+            one group per output channel).
+        plan: {full module name: {"bits": b, "group_size": g}} (from a bit plan).
+        plan_id: a short fingerprint of the plan, recorded in the checkpoint settings.
+        act_order, static_groups, damp, block_size: GPTQ's options (see gptq_quantize).
+        true_sequential: take each group's Hessian after quantizing the groups before it;
+            off, every Hessian comes from the unquantized layer in one forward pass.
+    """
+
+    name = "gptq"
+
+    def __init__(self, bits: int = 2, group_size: int = 128, plan: dict[str, dict] | None = None,
+                 plan_id: str | None = None, act_order: bool = True, static_groups: bool = False,
+                 damp: float = 0.01, block_size: int = 128, true_sequential: bool = True):
+        check_bits(bits)
+        if not 0 <= damp < 1:
+            raise CaspError(f"dampening {damp} is outside [0, 1); the usual value is 0.01")
+        self.bits, self.group_size = bits, group_size
+        self.plan = dict(plan or {})
+        self.plan_id = plan_id
+        self.act_order, self.static_groups = act_order, static_groups
+        self.damp, self.block_size, self.true_sequential = damp, block_size, true_sequential
+
+    def settings(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "plan": self.plan_id,
+                "act_order": self.act_order, "static_groups": self.static_groups,
+                "damp": self.damp, "block_size": self.block_size,
+                "true_sequential": self.true_sequential}
+
+    def module_setting(self, full_name: str) -> tuple[int, int]:
+        entry = self.plan.get(full_name, {})
+        return int(entry.get("bits", self.bits)), int(entry.get("group_size", self.group_size))
+
+    def process(self, ctx: LayerContext) -> None:
+        groups = layer_quantization_groups(ctx.layer, ctx.spec)
+        if not self.true_sequential:
+            grams = ctx.input_grams([n for g in groups for n in g])
+        for group in groups:
+            if self.true_sequential:
+                grams = ctx.input_grams(group)
+            for name in group:
+                self._quantize(ctx, name, grams[name])
+
+    def _quantize(self, ctx: LayerContext, name: str, gram) -> None:
+        full = ctx.full_name(name)
+        bits, group_size = self.module_setting(full)
+        linear = ctx.module(name)
+        hessian = (2 * gram.mean()).to(torch.float32)
+        result = gptq_quantize(linear.weight.data, hessian, bits, group_size,
+                               act_order=self.act_order, static_groups=self.static_groups,
+                               damp=self.damp, block_size=self.block_size)
+        bias = linear.bias.data if linear.bias is not None else None
+        module = GPTQLinear.from_result(result, bits, bias, linear.weight.dtype)
+        error = weighted_error(linear.weight.data.float(), module.dequantized_weight(), hessian)
+        ctx.replace(name, module)
+        ctx.changes[full]["relative_error"] = round(error, 6)
