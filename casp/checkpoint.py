@@ -221,3 +221,35 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> to
     """Load a casp checkpoint as a ready-to-run transformers model (on ``device``)."""
     loaded = load_checkpoint(path, dtype=dtype, device=device, with_preprocessors=False)
     return loaded.model.to(resolve_device(device))
+
+
+QUANTIZED_TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".g_idx")
+
+
+def checkpoint_size(path: str | Path) -> dict:
+    """Bytes on disk: the whole directory, the quantized modules' stored tensors, what their
+    bits claim (from the casp section), and the rest of the weights."""
+    import struct
+
+    from .quant.gptq import stored_bits
+
+    path = Path(path)
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    quantized = weights = 0
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
+            weights += nbytes
+            if key.endswith(QUANTIZED_TENSOR_SUFFIXES):
+                quantized += nbytes
+    claimed = 0
+    for d in (read_casp_section(path) or {}).get("modules", {}).values():
+        if d["type"] == "gptq":
+            claimed += stored_bits(d["out_features"], d["in_features"], d["bits"],
+                                   d["group_size"], d.get("g_idx", False))
+    return {"total_bytes": total, "weights_bytes": weights, "quantized_bytes": quantized,
+            "claimed_quantized_bytes": claimed // 8, "other_weights_bytes": weights - quantized}

@@ -163,6 +163,151 @@ def cmd_lowrank(args) -> int:
     return 0
 
 
+def _bits_list(text: str) -> list[int]:
+    try:
+        bits = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise CaspError(f"--bits {text!r} is not a list of widths such as 2,3,4")
+    bad = [b for b in bits if not 2 <= b <= 8]
+    if bad or not bits:
+        raise CaspError(f"bit width {bad[0] if bad else text!r} is outside 2-8; give e.g. 2,3,4")
+    return bits
+
+
+def _width(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CaspError(f"bit width {text!r} is not a whole number; use 2 to 8")
+    if not 2 <= value <= 8:
+        raise CaspError(f"bit width {value} is outside 2-8; casp quantizes to 2 to 8 bits")
+    return value
+
+
+def _group(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CaspError(f"group size {text!r} is not a whole number; use e.g. 128, or -1 for "
+                        "one group per output channel")
+    if value == 0 or value < -1:
+        raise CaspError(f"group size {value} is invalid; use a positive size such as 128, or -1 "
+                        "for one group per output channel")
+    return value
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CaspError(f"budget {text!r} is not a number of bits such as 2.25")
+    if not 1.0 <= value <= 16.0:
+        raise CaspError(f"budget {value} bits is outside the range casp allocates (1-16); the "
+                        "paper's budget is 2.25 for GPTQ 2-bit group 128")
+    return value
+
+
+def _early_output_check(args, stage: str, passes) -> bool:
+    """Settle the output directory before spending minutes loading a model: True when it
+    already holds this very result."""
+    from .checkpoint import check_output_dir, read_casp_section
+    from .layerwise import fingerprint
+    from .pipeline import stage_key
+
+    input_casp = read_casp_section(args.model) if Path(args.model).is_dir() else None
+    key = fingerprint(stage_key(args.model, input_casp, stage, passes, _calibration(args),
+                                _layers(getattr(args, "layers", None))))
+    if check_output_dir(args.output, key, args.overwrite):
+        print(f"{args.output} is already done (same model and settings)")
+        return True
+    return False
+
+
+def cmd_allocate(args) -> int:
+    from .allocation import ImportancePass, allocate, format_plan_table, plot_plan
+    from .loading import load_pretrained, resolve_device
+    from .pipeline import run_stage
+
+    out = Path(args.output)
+    if out.suffix != ".json":
+        raise CaspError(f"--output {out} should be a .json file (the plot is written beside it "
+                        "as .png)")
+    if out.exists() and not args.overwrite:
+        raise CaspError(f"{out} exists; choose another --output or pass --overwrite")
+    bits = _bits_list(args.bits)
+    device = resolve_device(args.device)
+    importance = ImportancePass(args.importance)
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    calibration = _calibration(args)
+    result = run_stage(loaded, "importance", [importance], calibration, device)
+    g_idx = args.act_order and not args.static_groups
+    plan = allocate(loaded.model, loaded.spec, importance.scores, args.budget, bits,
+                    group_size=args.group_size,
+                    factor_bits=None if args.factor_bits == 0 else args.factor_bits,
+                    factor_group_size=args.factor_group_size, g_idx=g_idx)
+    plan.meta.update({"model": args.model, "quantizer": "gptq", "act_order": args.act_order,
+                      "static_groups": args.static_groups,
+                      "importance": {"method": args.importance,
+                                     "calibration": calibration.as_dict(),
+                                     "seconds": round(result.seconds, 2)}})
+    plan.save(out)
+    png = plot_plan(plan, out.with_suffix(".png"))
+    print(format_plan_table(plan))
+    print(f"plan written to {out}, plot to {png}")
+    return 0
+
+
+def cmd_gptq(args) -> int:
+    from .allocation import BitPlan, average_bits
+    from .checkpoint import checkpoint_size
+    from .loading import load_pretrained, resolve_device
+    from .pipeline import run_stage
+    from .quant.gptq_pass import GPTQPass
+
+    device = resolve_device(args.device)
+    plan = BitPlan.load(args.plan) if args.plan else None
+    if plan is not None:
+        g_idx = args.act_order and not args.static_groups
+        if plan.meta.get("g_idx", g_idx) != g_idx:
+            raise CaspError(f"the plan counted {'no ' if not plan.meta['g_idx'] else ''}group "
+                            "indices (act-order with dynamic groups) but these flags "
+                            f"{'need' if g_idx else 'do not need'} them; pass the same "
+                            "--act-order/--static-groups to casp allocate and casp gptq")
+    gptq = GPTQPass(bits=args.bits, group_size=args.group_size,
+                    plan=plan.modules if plan else None,
+                    plan_id=plan.fingerprint() if plan else None, act_order=args.act_order,
+                    static_groups=args.static_groups, damp=args.damp,
+                    block_size=args.block_size, true_sequential=args.true_sequential)
+    if _early_output_check(args, "gptq", [gptq]):
+        return 0
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if plan is not None:
+        plan.check_matches(loaded.model, loaded.spec, args.model)
+    result = run_stage(loaded, "gptq", [gptq], _calibration(args), device, output=args.output,
+                       overwrite=args.overwrite, layers=_layers(args.layers),
+                       offload_activations=args.offload_activations)
+    if result.skipped:
+        print(f"{args.output} is already done (same model and settings)")
+        return 0
+    avg = average_bits(loaded.casp)
+    size = checkpoint_size(args.output)
+    errors = [d["relative_error"] for d in result.changes.values() if "relative_error" in d]
+    print(f"GPTQ: {len(result.changes)} modules, {avg:.4f} average bits, relative output error "
+          f"mean {sum(errors) / len(errors):.4f} max {max(errors):.4f}")
+    print(f"quantization {result.seconds:.1f} s, peak RSS {result.peak_rss_gb:.2f} GB"
+          + (f", peak CUDA {result.peak_cuda_gb:.2f} GB" if result.peak_cuda_gb else ""))
+    print(f"checkpoint written to {result.output}: {size['total_bytes'] / 2**20:.1f} MiB "
+          f"(quantized linears {size['quantized_bytes'] / 2**20:.2f} MiB for "
+          f"{size['claimed_quantized_bytes'] / 2**20:.2f} MiB claimed by the bits)")
+    if args.export_gptq:
+        from .checkpoint import load_checkpoint
+        from .quant.export import export_gptq
+
+        path = export_gptq(load_checkpoint(args.output), args.export_gptq, args.overwrite)
+        print(f"standard GPTQ format written to {path}")
+    return 0
+
+
 def _eval_ppl(loaded, dataset, split, seqlen, max_windows, device, text_field="text"):
     from .data import load_documents, tokenize_documents
     from .data.calibration import check_seqlen
@@ -292,6 +437,85 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an output directory that holds something else")
     _add_calibration_args(p, nsamples=256, seqlen=2048)
     p.set_defaults(func=cmd_lowrank)
+
+    p = sub.add_parser("allocate", help="stage 2: the optimal per-layer bit allocation (a plan)",
+                       description="Score each decoder layer's importance on calibration data, "
+                                   "then choose each layer's bit width so that the average bits "
+                                   "over the original dense weights of the quantized linears "
+                                   "(scales, zeros, group indices and low-rank factors counted) "
+                                   "meet --budget, minimising sum importance x weights x "
+                                   "2^(-2 bits). Writes the plan (JSON) and a plot (PNG) beside "
+                                   "it, and prints the plan as a table.")
+    _add_model_args(p)
+    p.add_argument("--output", required=True, help="plan file to write (.json; the plot goes "
+                                                   "beside it as .png)")
+    p.add_argument("--budget", type=_budget, required=True,
+                   help="average bits per original dense weight, everything stored counted "
+                        "(2-bit group-128 GPTQ with fp16 scale and zero is 2.25)")
+    p.add_argument("--bits", default="2,3,4",
+                   help="widths a layer may get, comma-separated, each 2-8 (default: 2,3,4; "
+                        "the paper's code used 2,3)")
+    p.add_argument("--group-size", type=_group, default=128,
+                   help="group size of the layers' dense linears; -1 = per channel (default: 128)")
+    p.add_argument("--factor-bits", type=int, default=3,
+                   help="bits of the low-rank factors (they have more outliers); 0 = the "
+                        "layer's width (default: 3, as the paper's code)")
+    p.add_argument("--factor-group-size", type=_group, default=-1,
+                   help="group size of the low-rank factors (default: -1, per channel)")
+    p.add_argument("--importance", choices=["block_influence", "relative_change"],
+                   default="block_influence",
+                   help="layer importance: block_influence = 1 - mean cos(input, output) of "
+                        "the layer (default); relative_change = mean |output - input| / |input|")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="the GPTQ run will use act-order (counts its group indices unless "
+                        "--static-groups; default: on)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="the GPTQ run will use static groups (no group indices to store)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    _add_calibration_args(p, nsamples=128, seqlen=2048)
+    p.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("gptq", help="stage 3: GPTQ quantization (uniform, or per module from a "
+                                    "plan)",
+                       description="Quantize every linear of the language model's decoder layers "
+                                   "(low-rank factors included) with GPTQ, layer by layer, and "
+                                   "write a checkpoint of packed low-bit weights. Without --plan "
+                                   "every module gets --bits/--group-size (the baseline); with "
+                                   "--plan each gets the plan's setting (CASP_GPTQ).")
+    _add_model_args(p)
+    p.add_argument("--output", required=True,
+                   help="checkpoint directory to write (atomically; an interrupted run resumes "
+                        "from its last finished layer)")
+    p.add_argument("--plan", default=None, help="bit plan from casp allocate (per-module bits)")
+    p.add_argument("--bits", type=_width, default=2,
+                   help="bits of modules the plan does not name, 2-8 (default: 2)")
+    p.add_argument("--group-size", type=_group, default=128,
+                   help="group size of modules the plan does not name; -1 = per channel; a "
+                        "size that does not divide the input leaves a shorter last group "
+                        "(default: 128)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize columns in order of decreasing Hessian diagonal (default: on)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="with act-order, fix each group's grid on the original column order "
+                        "before quantizing (no group indices stored)")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="dampening, a fraction of the mean Hessian diagonal (default: 0.01)")
+    p.add_argument("--block-size", type=_positive, default=128,
+                   help="columns per lazy update block (default: 128)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="take each group of linears' Hessian after quantizing the groups "
+                        "before it in the layer (default: on)")
+    p.add_argument("--layers", default=None,
+                   help="only these decoder layers, e.g. 0-3 (default: all)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between layers")
+    p.add_argument("--export-gptq", default=None,
+                   help="also write the standard GPTQ format (transformers / vLLM) to this "
+                        "directory; needs one global setting, 2/4/8 bits, no low-rank modules")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output directory that holds something else")
+    _add_calibration_args(p, nsamples=128, seqlen=2048)
+    p.set_defaults(func=cmd_gptq)
 
     p = sub.add_parser("ppl", help="perplexity of a model on one or more corpora",
                        description="Perplexity: the evaluation text is concatenated and cut into "

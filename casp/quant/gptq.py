@@ -128,8 +128,9 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
         damped = h + (damp * 10**attempt) * base * eye
         low, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            inv = torch.cholesky_inverse(low)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            # H^-1 = L^-T L^-1 from one triangular solve (much faster than cholesky_inverse)
+            low_inv = torch.linalg.solve_triangular(low, eye, upper=False)
+            upper, info = torch.linalg.cholesky_ex(low_inv.T @ low_inv, upper=True)
             if int(info) == 0:
                 if attempt:
                     log.warning("GPTQ: Hessian needed dampening %.3g (asked %.3g)",
@@ -181,10 +182,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     pos_group_list = pos_group.tolist()
 
     U = _inverse_cholesky(H, damp)
-    codes = torch.empty(out_f, in_f, device=device)
+    # work on W^T [in, out]: the column being quantized and the rank-1 updates of the
+    # columns after it are contiguous rows
+    WT = W.T.contiguous()
+    codes = torch.empty(in_f, out_f, device=device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()
         E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -192,15 +196,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
             k = pos_group_list[j]
             if dynamic and j % g == 0:
                 # the group's columns as they are now (errors of earlier columns included)
-                span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                scales[:, k], zeros[:, k] = minmax_grid(span, bits)
-            w = W1[:, i]
+                span = torch.cat([W1[i:], WT[i2:]], dim=0)[:g]
+                scales[:, k], zeros[:, k] = minmax_grid(span.T, bits)
+            w = W1[i]
             q = torch.clamp(torch.round(w / scales[:, k]) + zeros[:, k], 0, maxq)
-            codes[:, j] = q
+            codes[j] = q
             err = (w - scales[:, k] * (q - zeros[:, k])) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            E1[:, i] = err
-        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+            E1[i] = err
+        WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1)
+    codes = codes.T
 
     g_idx = None
     if perm is not None:

@@ -72,6 +72,9 @@ class GPTQPass(LayerPass):
                                damp=self.damp, block_size=self.block_size)
         bias = linear.bias.data if linear.bias is not None else None
         module = GPTQLinear.from_result(result, bits, bias, linear.weight.dtype)
+        # the layer's later forwards (the next groups' inputs, the outputs) reuse the
+        # dequantized weight; moving the layer off the device drops it
+        module.cache_weight()
         error = weighted_error(linear.weight.data.float(), module.dequantized_weight(), hessian)
         ctx.replace(name, module)
         ctx.changes[full]["relative_error"] = round(error, 6)

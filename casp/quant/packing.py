@@ -23,18 +23,19 @@ def packed_size(count: int, bits: int) -> int:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) (any shape, read in row-major order) into a flat
-    uint8 tensor: code i occupies bits [i*b, (i+1)*b) of the stream, most significant first."""
+    uint8 tensor: code i occupies bits [i*b, (i+1)*b) of the stream, most significant first.
+    Eight codes fill exactly ``bits`` bytes, so the work is done eight codes at a time."""
     _check_width(bits)
-    flat = codes.reshape(-1).to(torch.int32)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+    count = codes.numel()
+    flat = codes.reshape(-1).to(torch.int64)
+    if count and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes outside [0, {1 << bits}) cannot be packed in {bits} bits")
-    shifts = torch.arange(bits - 1, -1, -1, device=flat.device, dtype=torch.int32)
-    stream = ((flat[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
-    return (stream.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-count) % 8)).view(-1, 8)
+    code_shifts = bits * torch.arange(7, -1, -1, device=flat.device)
+    words = (flat << code_shifts).sum(dim=1)                       # 8 * bits <= 64 bits
+    byte_shifts = 8 * torch.arange(bits - 1, -1, -1, device=flat.device)
+    stream = ((words[:, None] >> byte_shifts) & 0xFF).reshape(-1)
+    return stream[:packed_size(count, bits)].to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -42,11 +43,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     _check_width(bits)
     if packed.numel() != packed_size(count, bits):
         raise ValueError(f"{packed.numel()} bytes cannot hold exactly {count} codes of {bits} bits")
-    byte_shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32)[:, None] >> byte_shifts) & 1).reshape(-1)
-    stream = stream[: count * bits].view(count, bits)
-    code_shifts = torch.arange(bits - 1, -1, -1, device=packed.device, dtype=torch.int32)
-    return (stream << code_shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    stream = torch.nn.functional.pad(packed.to(torch.int64), (0, (-packed.numel()) % bits))
+    byte_shifts = 8 * torch.arange(bits - 1, -1, -1, device=packed.device)
+    words = (stream.view(-1, bits) << byte_shifts).sum(dim=1)
+    code_shifts = bits * torch.arange(7, -1, -1, device=packed.device)
+    codes = (words[:, None] >> code_shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:count].to(torch.uint8)
 
 
 # ----- the standard GPTQ int32 layout (AutoGPTQ / GPTQModel / transformers "gptq") -----

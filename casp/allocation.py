@@ -1,0 +1,438 @@
+"""Stage 2: the optimal per-layer bit allocation.
+
+1. Importance of each decoder layer from calibration data (``ImportancePass``):
+   block influence BI_i = 1 - mean over tokens of cos(h_in, h_out) (default), or the
+   relative change ||h_out - h_in|| / ||h_in||.
+2. The budget: the average bits over the ORIGINAL dense parameter count of the quantized
+   linears, everything stored counted (codes, per-group scales and zeros, group indices,
+   the low-rank factors), so what the low-rank stage saved pays for higher-bit layers.
+3. The solver minimises sum_i w_i n_i 2^(-2 b_i) (w_i the importance, n_i the weights the
+   layer's width applies to) under the budget. The continuous optimum is
+   b_i = b_avg + 0.5 log2(w_i / geometric mean of w) (clamped to the allowed range); the
+   integer widths come from a multiple-choice knapsack over the allowed widths, solved by
+   dynamic programming on conservatively rounded costs, then topped up greedily with exact
+   costs, so the budget holds to the bit.
+The result is a :class:`BitPlan`, a JSON file naming every module's bits and group size.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CaspError
+from .layerwise import LayerContext, LayerPass, fingerprint
+from .models import ModelSpec
+from .quant.common import is_factor, quantizable_linears
+from .quant.gptq import check_bits, effective_group_size, stored_bits
+
+log = logging.getLogger("casp")
+
+IMPORTANCE_METHODS = ("block_influence", "relative_change")
+PLAN_FORMAT = "casp-bit-plan"
+PLAN_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- importance
+
+class ImportancePass(LayerPass):
+    """Scores every layer; changes nothing. ``scores[i]`` after the walk."""
+
+    name = "importance"
+
+    def __init__(self, method: str = "block_influence"):
+        if method not in IMPORTANCE_METHODS:
+            raise CaspError(f"unknown importance {method!r}; use one of "
+                            f"{', '.join(IMPORTANCE_METHODS)}")
+        self.method = method
+        self.scores: dict[int, float] = {}
+
+    def settings(self) -> dict:
+        return {"method": self.method}
+
+    def process(self, ctx: LayerContext) -> None:
+        outputs = ctx.forward()
+        total, count = 0.0, 0
+        for h_in, h_out in zip(ctx.inputs.hidden, outputs):
+            a = h_in.reshape(-1, h_in.shape[-1]).double()
+            b = h_out.reshape(-1, h_out.shape[-1]).double()
+            if self.method == "block_influence":
+                per_token = 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+            else:
+                per_token = (b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)
+            total += per_token.sum().item()
+            count += per_token.numel()
+        self.scores[ctx.index] = total / max(count, 1)
+        ctx.outputs = outputs
+
+
+# ----------------------------------------------------------------------------- accounting
+
+@dataclass
+class QuantSetting:
+    """How a module is stored: bits, group size (-1: per channel), group indices or not."""
+    bits: int
+    group_size: int
+    g_idx: bool = False
+
+    def cost(self, out_features: int, in_features: int) -> int:
+        return stored_bits(out_features, in_features, self.bits, self.group_size, self.g_idx)
+
+
+def dense_parameters(model: nn.Module, spec: ModelSpec) -> int:
+    """Parameters of the quantized linears before any low-rank factorisation."""
+    from .lowrank import LowRankLinear
+
+    total = 0
+    for index, layer in enumerate(spec.decoder_layers(model)):
+        for name in spec.linears:
+            m = layer.get_submodule(name)
+            if isinstance(m, LowRankLinear):
+                total += m.in_features * m.out_features
+            else:
+                total += m.weight.shape[0] * m.weight.shape[1]
+    return total
+
+
+def average_bits(section: dict) -> float | None:
+    """Average stored bits per original dense weight of the quantized linears, from a
+    checkpoint's casp section; None when it holds no quantized modules."""
+    modules = section.get("modules", {})
+    stored, dense = 0, 0
+    counted_parents = set()
+    for name, d in modules.items():
+        if d["type"] != "gptq":
+            continue
+        stored += stored_bits(d["out_features"], d["in_features"], d["bits"], d["group_size"],
+                              d.get("g_idx", False))
+        parent = name.rsplit(".", 1)[0]
+        if is_factor(name) and modules.get(parent, {}).get("type") == "lowrank":
+            if parent not in counted_parents:
+                counted_parents.add(parent)
+                dense += modules[parent]["in_features"] * modules[parent]["out_features"]
+        else:
+            dense += d["in_features"] * d["out_features"]
+    return stored / dense if dense else None
+
+
+# ----------------------------------------------------------------------------- solver
+
+@dataclass
+class LayerChoice:
+    """One layer as the solver sees it."""
+    index: int
+    importance: float
+    weights: int                      # weights the layer's width applies to (n_i)
+    costs: dict[int, int]             # width -> stored bits of the whole layer
+    continuous_bits: float = 0.0
+    bits: int = 0
+
+
+def continuous_allocation(importance: np.ndarray, sizes: np.ndarray, mean_bits: float,
+                          low: float, high: float) -> np.ndarray:
+    """b_i = c + 0.5 log2(w_i), clamped to [low, high], with c set (by bisection) so that
+    the size-weighted mean is ``mean_bits``."""
+    logw = 0.5 * np.log2(np.maximum(importance, 1e-12))
+    lo_c, hi_c = low - logw.max() - 1, high - logw.min() + 1
+    for _ in range(200):
+        c = (lo_c + hi_c) / 2
+        b = np.clip(c + logw, low, high)
+        if (b * sizes).sum() / sizes.sum() < mean_bits:
+            lo_c = c
+        else:
+            hi_c = c
+    return np.clip((lo_c + hi_c) / 2 + logw, low, high)
+
+
+def solve_widths(layers: list[LayerChoice], budget: int, resolution: int = 4000) -> None:
+    """Choose each layer's width (``layer.bits``) minimising sum w_i n_i 2^(-2 b_i) with
+    total cost <= ``budget`` bits. Raises when even the smallest widths do not fit."""
+    widths = sorted(layers[0].costs)
+    minimum = sum(min(l.costs.values()) for l in layers)
+    if minimum > budget:
+        raise CaspError("budget_too_small")
+    unit = max(budget / resolution, 1.0)
+    slots = int(budget // unit)
+    inf = float("inf")
+    best = np.full(slots + 1, inf)
+    best[0] = 0.0
+    choice = np.zeros((len(layers), slots + 1), dtype=np.int64)
+    for li, layer in enumerate(layers):
+        new = np.full(slots + 1, inf)
+        for wi, b in enumerate(widths):
+            c = int(math.ceil(layer.costs[b] / unit))
+            if c > slots:
+                continue
+            err = layer.importance * layer.weights * 2.0 ** (-2 * b)
+            cand = np.full(slots + 1, inf)
+            cand[c:] = best[:slots + 1 - c] + err
+            better = cand < new
+            new[better] = cand[better]
+            choice[li][better] = wi
+        best = new
+    if not np.isfinite(best).any():
+        # the rounding of costs can exclude a barely feasible solution: fall back to minimum
+        for layer in layers:
+            layer.bits = widths[0]
+    else:
+        slot = int(np.argmin(best))
+        for li in range(len(layers) - 1, -1, -1):
+            layer = layers[li]
+            layer.bits = widths[choice[li][slot]]
+            slot -= int(math.ceil(layer.costs[layer.bits] / unit))
+    _top_up(layers, widths, budget)
+    _order_by_importance(layers)
+
+
+def _top_up(layers: list[LayerChoice], widths: list[int], budget: int) -> None:
+    """Spend what the rounded costs left over: upgrade by best error reduction per bit
+    while the exact total still fits."""
+    total = sum(l.costs[l.bits] for l in layers)
+    while True:
+        best, best_gain = None, 0.0
+        for layer in layers:
+            higher = [b for b in widths if b > layer.bits]
+            if not higher:
+                continue
+            b = higher[0]
+            extra = layer.costs[b] - layer.costs[layer.bits]
+            if total + extra > budget:
+                continue
+            gain = layer.importance * layer.weights * (2.0 ** (-2 * layer.bits) - 2.0 ** (-2 * b))
+            if gain / max(extra, 1) > best_gain:
+                best, best_gain = (layer, b, extra), gain / max(extra, 1)
+        if best is None:
+            return
+        layer, b, extra = best
+        layer.bits, total = b, total + extra
+
+
+def _order_by_importance(layers: list[LayerChoice]) -> None:
+    """Among layers of identical cost tables, the more important never gets fewer bits
+    (swapping widths between them keeps the cost and can only lower the objective)."""
+    classes: dict[tuple, list[LayerChoice]] = {}
+    for layer in layers:
+        classes.setdefault((layer.weights, tuple(sorted(layer.costs.items()))), []).append(layer)
+    for members in classes.values():
+        widths = sorted((l.bits for l in members), reverse=True)
+        for layer, b in zip(sorted(members, key=lambda l: -l.importance), widths):
+            layer.bits = b
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class BitPlan:
+    """Every quantized module's bits and group size, and how they were chosen."""
+    modules: dict[str, dict]
+    layers: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def achieved_bits(self) -> float:
+        return self.meta["achieved_bits"]
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.modules)
+
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **self.meta,
+                "layers": self.layers, "modules": self.modules}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BitPlan":
+        path = Path(path)
+        if not path.is_file():
+            raise CaspError(f"plan file {path} does not exist; write one with casp allocate")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CaspError(f"plan file {path} is not JSON ({exc}); write it again with casp "
+                            "allocate")
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise CaspError(f"{path} is not a casp bit plan; write one with casp allocate")
+        modules = data.pop("modules", None)
+        layers = data.pop("layers", [])
+        if not isinstance(modules, dict) or not modules:
+            raise CaspError(f"plan file {path} names no modules; write it again with casp allocate")
+        for name, entry in modules.items():
+            try:
+                check_bits(entry["bits"])
+                int(entry["group_size"])
+            except (KeyError, TypeError, ValueError):
+                raise CaspError(f"plan file {path}: module {name} needs integer 'bits' and "
+                                "'group_size'")
+        return cls(modules=modules, layers=layers, meta=data)
+
+    def check_matches(self, model: nn.Module, spec: ModelSpec, source: str = "the model") -> None:
+        """The plan must name exactly the model's quantizable linears, with their shapes."""
+        linears = quantizable_linears(model, spec)
+        missing = [n for n in linears if n not in self.modules]
+        extra = [n for n in self.modules if n not in linears]
+        if missing or extra:
+            example = (missing or extra)[0]
+            what = "lacks" if missing else "names a module the model does not have:"
+            raise CaspError(f"the plan does not match {source}: it {what} {example} "
+                            f"({len(missing)} missing, {len(extra)} unknown); make the plan from "
+                            "this very checkpoint with casp allocate")
+        for name, linear in linears.items():
+            shape = self.modules[name].get("shape")
+            if shape is not None and list(shape) != list(linear.weight.shape):
+                raise CaspError(f"the plan does not match {source}: {name} is "
+                                f"{list(linear.weight.shape)} in the model, {shape} in the plan; "
+                                "make the plan from this very checkpoint")
+
+
+def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], budget: float,
+             allowed_bits: list[int], group_size: int = 128, factor_bits: int | None = 3,
+             factor_group_size: int = -1, g_idx: bool = False) -> BitPlan:
+    """Solve the allocation for ``model`` (original or low-rank) at ``budget`` average bits.
+
+    Each layer gets one width from ``allowed_bits`` for its dense linears (group
+    ``group_size``); low-rank factors get ``factor_bits`` (per channel by default, as the
+    official code does), or the layer's width when ``factor_bits`` is None.
+    """
+    if not allowed_bits:
+        raise CaspError("no allowed bit widths; give e.g. --bits 2,3,4")
+    for b in allowed_bits:
+        check_bits(b)
+    if factor_bits is not None:
+        check_bits(factor_bits)
+    allowed = sorted(set(allowed_bits))
+    linears = quantizable_linears(model, spec)
+    dense = dense_parameters(model, spec)
+    n_layers = len(spec.decoder_layers(model))
+    missing = [i for i in range(n_layers) if i not in importance]
+    if missing:
+        raise CaspError(f"no importance score for layer {missing[0]}")
+
+    def setting(name: str, width: int) -> QuantSetting:
+        if is_factor(name):
+            return QuantSetting(width if factor_bits is None else factor_bits,
+                                factor_group_size, g_idx)
+        return QuantSetting(width, group_size, g_idx)
+
+    for name, lin in linears.items():
+        out_f, in_f = lin.weight.shape
+        effective_group_size(in_f, setting(name, allowed[0]).group_size)   # validates
+
+    by_layer: dict[int, list[str]] = {i: [] for i in range(n_layers)}
+    for name in linears:
+        by_layer[int(name[len(spec.layers) + 1:].split(".")[0])].append(name)
+    choices = []
+    for i in range(n_layers):
+        costs = {b: sum(setting(n, b).cost(*linears[n].weight.shape) for n in by_layer[i])
+                 for b in allowed}
+        weights = sum(linears[n].weight.numel() for n in by_layer[i]
+                      if factor_bits is None or not is_factor(n))
+        choices.append(LayerChoice(i, float(importance[i]), weights, costs))
+
+    budget_total = int(math.floor(budget * dense))
+    try:
+        solve_widths(choices, budget_total)
+    except CaspError:
+        lowest = sum(min(c.costs.values()) for c in choices) / dense
+        raise CaspError(f"budget {budget} bits cannot be met: the smallest allowed width "
+                        f"({allowed[0]} bits, group {group_size}) already needs {lowest:.4f} "
+                        "average bits; raise --budget or allow fewer bits")
+    if all(c.bits == allowed[-1] for c in choices):
+        log.warning("budget %.4f exceeds what the widest allowed width uses; every layer gets "
+                    "%d bits", budget, allowed[-1])
+
+    # the continuous optimum, for reference: mean width the budget leaves for the layers'
+    # own weights once overheads and fixed-width factors are paid (estimated at the mean
+    # width)
+    sizes = np.array([c.weights for c in choices], dtype=np.float64)
+    overhead = sum(c.costs[allowed[0]] - allowed[0] * c.weights for c in choices)
+    mean_bits = (budget_total - overhead) / sizes.sum()
+    cont = continuous_allocation(np.array([c.importance for c in choices]), sizes, mean_bits,
+                                 float(allowed[0]), float(allowed[-1]))
+    for c, b in zip(choices, cont):
+        c.continuous_bits = float(b)
+
+    modules, layers_out, total = {}, [], 0
+    for c in choices:
+        for n in by_layer[c.index]:
+            s = setting(n, c.bits)
+            modules[n] = {"bits": s.bits, "group_size": s.group_size,
+                          "shape": list(linears[n].weight.shape)}
+        total += c.costs[c.bits]
+        layers_out.append({"layer": c.index, "importance": round(c.importance, 6),
+                           "continuous_bits": round(c.continuous_bits, 4), "bits": c.bits,
+                           "stored_bits": c.costs[c.bits]})
+    meta = {"budget_bits": budget, "achieved_bits": total / dense, "stored_bits": total,
+            "dense_parameters": dense, "allowed_bits": allowed, "group_size": group_size,
+            "factor_bits": factor_bits, "factor_group_size": factor_group_size, "g_idx": g_idx,
+            "architecture": type(model).__name__,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return BitPlan(modules=modules, layers=layers_out, meta=meta)
+
+
+def uniform_average_bits(model: nn.Module, spec: ModelSpec, bits: int, group_size: int,
+                         g_idx: bool = False) -> float:
+    """Average bits of quantizing every linear at one setting (the uniform baseline)."""
+    linears = quantizable_linears(model, spec)
+    total = sum(QuantSetting(bits, group_size, g_idx).cost(*l.weight.shape)
+                for l in linears.values())
+    return total / dense_parameters(model, spec)
+
+
+def format_plan_table(plan: BitPlan) -> str:
+    lines = ["| layer | importance | continuous bits | bits |", "|---|---|---|---|"]
+    for row in plan.layers:
+        lines.append(f"| {row['layer']} | {row['importance']:.4f} | {row['continuous_bits']:.2f} "
+                     f"| {row['bits']} |")
+    m = plan.meta
+    factors = ("same as the layer" if m["factor_bits"] is None else
+               f"{m['factor_bits']} bits, group {m['factor_group_size']}")
+    lines.append("")
+    lines.append(f"budget {m['budget_bits']} bits; achieved {m['achieved_bits']:.4f} average bits "
+                 f"over {m['dense_parameters']:,} original dense weights (group {m['group_size']}"
+                 f", overheads included); low-rank factors: {factors}")
+    return "\n".join(lines)
+
+
+def plot_plan(plan: BitPlan, path: str | Path) -> Path:
+    """Bar chart of bits per layer with the importance score on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [r["layer"] for r in plan.layers]
+    fig, ax = plt.subplots(figsize=(max(6, len(idx) * 0.25), 3.5))
+    ax.bar(idx, [r["bits"] for r in plan.layers], color="#4a7ab5", label="bits (integer)")
+    ax.plot(idx, [r["continuous_bits"] for r in plan.layers], "k.--", lw=0.8,
+            label="continuous optimum")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, max(plan.meta["allowed_bits"]) + 1)
+    ax2 = ax.twinx()
+    ax2.plot(idx, [r["importance"] for r in plan.layers], color="#c0504d", lw=1.2,
+             label="importance")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("importance")
+    ax.set_title(f"bit plan: {plan.meta['achieved_bits']:.3f} average bits "
+                 f"(budget {plan.meta['budget_bits']})")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,136 @@
+"""Export to the standard GPTQ checkpoint format that transformers (through its GPTQ
+integration) and vLLM load, for models with no low-rank modules and one global setting.
+
+Per quantized linear ``<name>``:
+    <name>.qweight  int32 [in * bits / 32, out]   codes packed along the input dimension
+    <name>.qzeros   int32 [groups, out * bits / 32] zero points packed along the output
+                    dimension; format "gptq" (v1) stores zero - 1, "gptq_v2" the zero itself
+    <name>.scales   float16 [groups, out]
+    <name>.g_idx    int32 [in]                     group of each input column
+    <name>.bias     (if any)
+and config.json gets ``quantization_config`` {quant_method: "gptq", bits, group_size,
+desc_act, sym: false, checkpoint_format, ...}. Dequantization: W[:, c] = scale[g] *
+(q[c] - zero[g]) with g = g_idx[c].
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CaspError
+from ..loading import LoadedModel
+from .packing import GPTQ_INT32_WIDTHS, pack_int32, unpack_int32
+from .qlinear import GPTQLinear
+
+FORMATS = ("gptq", "gptq_v2")
+
+
+def export_gptq(loaded: LoadedModel, output: str | Path, overwrite: bool = False,
+                checkpoint_format: str = "gptq") -> Path:
+    if checkpoint_format not in FORMATS:
+        raise CaspError(f"unknown GPTQ checkpoint format {checkpoint_format!r}; use one of {FORMATS}")
+    modules = loaded.casp.get("modules", {}) if loaded.casp else {}
+    kinds = {d["type"] for d in modules.values()}
+    if "lowrank" in kinds:
+        raise CaspError("the standard GPTQ format cannot hold low-rank modules; keep the casp "
+                        "checkpoint (casp.load_model reads it)")
+    quantized = {n: m for n, m in loaded.model.named_modules() if isinstance(m, GPTQLinear)}
+    if not quantized:
+        raise CaspError("the model has no GPTQ-quantized modules to export")
+    settings = {(m.bits, m.group_size if m.group_size < m.in_features else -1)
+                for m in quantized.values()}
+    if len(settings) != 1:
+        raise CaspError("the standard GPTQ format holds one global setting; this model mixes "
+                        f"{sorted(settings)}: keep the casp checkpoint")
+    bits, group_size = settings.pop()
+    if bits not in GPTQ_INT32_WIDTHS:
+        raise CaspError(f"the standard GPTQ format is exported for {GPTQ_INT32_WIDTHS} bits, not "
+                        f"{bits}; keep the casp checkpoint")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CaspError(f"{out} is not empty; choose another directory or pass --overwrite")
+    desc_act = any(m.g_idx is not None for m in quantized.values())
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        loaded.model.save_pretrained(tmp)        # config, tokenizer side files, key layout
+        state = {}
+        for file in tmp.glob("*.safetensors"):
+            state.update(load_file(file))
+            file.unlink()
+        for index in tmp.glob("*.safetensors.index.json"):
+            index.unlink()
+        for name, module in quantized.items():
+            key = _stored_key(state, name)
+            for suffix in ("qweight", "scales", "zeros", "g_idx"):
+                state.pop(f"{key}.{suffix}", None)
+            state.update({f"{key}.{k}": v for k, v in
+                          gptq_tensors(module, checkpoint_format).items()})
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("casp", None)
+        cfg["quantization_config"] = {
+            "quant_method": "gptq", "bits": bits, "group_size": group_size,
+            "desc_act": desc_act, "sym": False, "true_sequential": True,
+            "checkpoint_format": checkpoint_format, "pack_dtype": "int32"}
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for pre in loaded.preprocessors():
+            pre.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _stored_key(state: dict, module_name: str) -> str:
+    """The key prefix transformers used for ``module_name`` (LLaVA saves legacy keys)."""
+    if f"{module_name}.qweight" in state:
+        return module_name
+    tail = module_name.split(".layers.", 1)[-1]
+    for key in state:
+        if key.endswith(f".layers.{tail}.qweight"):
+            return key[: -len(".qweight")]
+    raise CaspError(f"cannot find the stored tensors of {module_name}")
+
+
+def gptq_tensors(module: GPTQLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """One casp GPTQLinear in the standard layout."""
+    bits, in_f = module.bits, module.in_features
+    codes = module.codes().to(torch.int64)                         # [out, in]
+    zeros = module.zeros.to(torch.int64)                           # [out, groups]
+    if checkpoint_format == "gptq":
+        if int(zeros.min()) < 1:
+            raise CaspError("a zero point of 0 cannot be stored in the v1 GPTQ format; export "
+                            "with checkpoint format gptq_v2")
+        zeros = zeros - 1
+    if module.g_idx is not None:
+        g_idx = module.g_idx.to(torch.int32)
+    else:
+        g_idx = (torch.arange(in_f) // module.group_size).to(torch.int32)
+    tensors = {"qweight": pack_int32(codes.T, bits, dim=0),
+               "qzeros": pack_int32(zeros.T, bits, dim=1),
+               "scales": module.scales.T.contiguous().to(torch.float16),
+               "g_idx": g_idx}
+    if module.bias is not None:
+        tensors["bias"] = module.bias.detach().to(torch.float16)
+    return tensors
+
+
+def dequantize_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int,
+                            checkpoint_format: str = "gptq") -> torch.Tensor:
+    """The float32 weight [out, in] a standard GPTQ module stands for (for checks)."""
+    codes = unpack_int32(tensors["qweight"], bits, dim=0).T.float()     # [out, in]
+    zeros = unpack_int32(tensors["qzeros"], bits, dim=1).T.float()      # [out, groups]
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    g = tensors["g_idx"].long()
+    return tensors["scales"].T.float()[:, g] * (codes - zeros[:, g])
