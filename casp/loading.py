@@ -3,6 +3,8 @@ a casp checkpoint, or a built-in alias (``smollm2-135m``)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,9 @@ def architecture_of(config) -> str:
 def _locate(source: str) -> tuple[str, dict]:
     """Turn a user's model argument into from_pretrained arguments."""
     if source.lower() in assets.MODEL_ALIASES:
+        converted = assets.converted_dir(source.lower())
+        if (converted / "config.json").is_file():
+            return str(converted), {}
         gguf = assets.wheel_member(*assets.MODEL_ALIASES[source.lower()])
         return str(gguf.parent), {"gguf_file": gguf.name}
     path = Path(source)
@@ -158,8 +163,26 @@ def load_pretrained(source: str, dtype: str = "auto", device: str = "auto") -> L
     model.config.architectures = [arch]
     model.eval()
     tokenizer, processor = _preprocessors(location, kwargs, spec.multimodal)
+    if "gguf_file" in kwargs and source.lower() in assets.MODEL_ALIASES:
+        _keep_converted(source.lower(), model, tokenizer)
     return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, processor=processor,
                        source=source)
+
+
+def _keep_converted(alias: str, model, tokenizer) -> None:
+    """Save a built-in model once as a float Hugging Face directory in the cache, so later
+    loads skip the (slow) GGUF conversion. Written to a temporary name and renamed."""
+    target = assets.converted_dir(alias)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError as exc:      # a read-only or full cache only costs speed
+        log.info("could not keep the converted %s in the cache (%s)", alias, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _forget_gguf_quantization(model) -> None:

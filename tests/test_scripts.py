@@ -46,3 +46,44 @@ def test_script_reports_bad_input_in_one_line(tmp_path):
     assert res.returncode != 0
     errors = [l for l in res.stderr.splitlines() if l.startswith("casp: error:")]
     assert len(errors) == 1 and "does not exist" in errors[0]
+
+
+def test_gptq_end_to_end_script_on_a_tiny_llama(tmp_path, calib_txt):
+    src = save_tiny("llama", tmp_path / "base")
+    work = tmp_path / "work"
+    small = {"NSAMPLES": "4", "SEQLEN": "32", "DATASET": str(calib_txt)}
+    env = {"BASE_MODEL": str(src), "NAME": "tiny", "WORK": str(work),
+           **{f"SVD_{k}": v for k, v in small.items()},
+           **{f"GPTQ_{k}": v for k, v in small.items()},
+           "GPTQ_GROUP_SIZE": "32", "EVAL_DATASETS": str(calib_txt), "EVAL_SPLIT": "all",
+           "EVAL_SEQLEN": "32", "EVAL_MAX_WINDOWS": "2"}
+    res = run_script("scripts/casp_gptq_llama.sh", env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    casp_cfg = json.loads((work / "tiny-casp-gptq" / "config.json").read_text())["casp"]
+    base_cfg = json.loads((work / "tiny-gptq-2bit" / "config.json").read_text())["casp"]
+    assert [s["stage"] for s in casp_cfg["stages"]] == ["lowrank", "gptq"]
+    assert [s["stage"] for s in base_cfg["stages"]] == ["gptq"]
+    plan = json.loads((work / "tiny-casp-gptq.plan.json").read_text())
+    assert plan["allowed_bits"] == [2, 3] and plan["factor_bits"] == 3
+    assert (work / "tiny-casp-gptq.plan.png").is_file()
+    from casp.allocation import average_bits
+
+    # CASP spends exactly the baseline's budget (never more)
+    assert average_bits(casp_cfg) <= average_bits(base_cfg) + 1e-9
+    assert plan["budget_bits"] == pytest.approx(average_bits(base_cfg))
+    for name in ("base", "tiny-gptq-2bit", "tiny-casp-gptq"):
+        rows = json.loads((work / f"{name}-ppl.json").read_text())
+        assert rows[0]["windows"] == 2 and rows[0]["ppl"] > 1
+
+
+def test_gptq_llava_scripts_pass_their_flags(tmp_path, calib_txt):
+    src = save_tiny("llava", tmp_path / "src")
+    out = tmp_path / "q"
+    res = run_script("GPTQ/scripts/quantize_llava_baseline.sh", {
+        "MODEL": str(src), "OUTPUT": str(out), "DATASET": str(calib_txt), "NSAMPLES": "4",
+        "SEQLEN": "32", "BITS": "3", "GROUP_SIZE": "32", "STATIC_GROUPS": "1", "DAMP": "0.02"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    stage = json.loads((out / "config.json").read_text())["casp"]["stages"][0]
+    gptq = stage["settings"]["passes"]["gptq"]
+    assert (gptq["bits"], gptq["group_size"], gptq["static_groups"], gptq["damp"]) == (3, 32, True, 0.02)
+    assert stage["settings"]["calibration"]["nsamples"] == 4

@@ -1,0 +1,245 @@
+"""Benchmark: GPTQ vs CASP_GPTQ on SmolLM2-135M across bit budgets, with the ablations.
+
+For each uniform GPTQ setting of the sweep (2-bit g128, 2-bit g64,
+3-bit g128, 4-bit g128) the uniform model's honest average bits become the budget of:
+    casp_gptq          low-rank W_q/W_k (75%, whitened) + bit allocation + GPTQ with the plan
+    alloc_only_gptq    bit allocation on the original model + GPTQ (no low-rank)
+    lowrank_only_gptq  low-rank + uniform GPTQ at the same setting (its saved bits unspent)
+(the ablations run at every budget with --ablations all, at the first one by default).
+Perplexity on the bundled Wikipedia text and the Lee news corpus (test splits), time of
+every stage, process peak RSS, checkpoint size against what the bits claim.
+
+Every stage goes through the casp command in its own process and writes its checkpoint
+under --work (default runs/bench/gptq); a rerun reuses finished checkpoints (the command
+says "already done"), so an interrupted benchmark resumes. Writes
+bench/results/gptq_quality.json, .md and .png.
+
+    .venv/bin/python bench/gptq_quality.py [--nsamples 32] [--seqlen 512] [--windows 16]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MODEL = "smollm2-135m"
+MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+SWEEP = [(2, 128), (2, 64), (3, 128), (4, 128)]
+ALLOWED_BITS = "2,3,4,5"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
+
+
+def casp(*argv, log: Path) -> None:
+    """Run one casp command in its own process (peak memory is its own)."""
+    cmd = [sys.executable, "-m", "casp", *[str(a) for a in argv]]
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def peak_of(log: Path) -> float | None:
+    """The peak RSS the last casp stage in ``log`` reported."""
+    import re
+
+    found = re.findall(r"peak RSS ([0-9.]+) GB", log.read_text())
+    return float(found[-1]) if found else None
+
+
+def stage_seconds(checkpoint: Path, stage: str) -> float:
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    return sum(s["seconds"] for s in cfg["casp"]["stages"] if s["stage"] == stage)
+
+
+def evaluate(model: Path | str, work: Path, args) -> dict:
+    out = work / f"ppl-{Path(str(model)).name}.json"
+    if not out.is_file():
+        casp("ppl", "--model", model, "--dataset", "wiki", "lee", "--split", "test", "--seqlen",
+             args.seqlen, "--max-windows", args.windows, "--output", out, log=work / "log.txt")
+    return {r["corpus"]: r for r in json.loads(out.read_text())}
+
+
+def calib_flags(args) -> list:
+    return ["--dataset", "wiki", "--split", "train", "--nsamples", args.nsamples, "--seqlen",
+            args.seqlen, "--seed", 3]
+
+
+def row(method: str, avg_bits, ppl: dict, quant_seconds, peak, checkpoint: Path | None,
+        args, **extra) -> list[dict]:
+    from casp.checkpoint import checkpoint_size
+
+    size = checkpoint_size(checkpoint) if checkpoint else None
+    rows = []
+    for corpus, r in ppl.items():
+        rows.append({
+            "model": MODEL_NAME, "method": method,
+            "avg_bits": None if avg_bits is None else round(avg_bits, 4), "corpus": corpus,
+            "split": "test", "ppl": round(r["ppl"], 4), "eval_windows": r["windows"],
+            "eval_seqlen": r["seqlen"],
+            "quant_seconds": None if quant_seconds is None else round(quant_seconds, 1),
+            "peak_mem_gb": peak, "size_bytes": size["total_bytes"] if size else None,
+            "quantized_bytes": size["quantized_bytes"] if size else None,
+            "claimed_quantized_bytes": size["claimed_quantized_bytes"] if size else None,
+            "settings": {"calib_samples": args.nsamples, "calib_seqlen": args.seqlen,
+                         "calib_corpus": "wiki (train split)", "seed": 3,
+                         "windows": args.windows, "act_order": True, "damp": 0.01, **extra},
+            "machine": machine(), "date": datetime.date.today().isoformat()})
+    return rows
+
+
+def avg_bits_of(checkpoint: Path) -> float:
+    from casp.allocation import average_bits
+    from casp.checkpoint import read_casp_section
+
+    return average_bits(read_casp_section(checkpoint))
+
+
+def run(args) -> list[dict]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    rows = row("fp", None, evaluate(MODEL, work, args), None, None, None, args)
+
+    lowrank = work / "lowrank75"
+    casp("lowrank", "--model", MODEL, "--output", lowrank, "--compression", 0.75,
+         *calib_flags(args), log=log)
+    lowrank_s = stage_seconds(lowrank, "lowrank")
+
+    for i, (bits, group) in enumerate(SWEEP):
+        tag = f"w{bits}g{group if group > 0 else 'c'}"
+        uniform = work / f"gptq-{tag}"
+        casp("gptq", "--model", MODEL, "--output", uniform, "--bits", bits, "--group-size", group,
+             *calib_flags(args), log=log)
+        budget = avg_bits_of(uniform)
+        peak = peak_of(log)
+        rows += row("gptq", budget, evaluate(uniform, work, args),
+                    stage_seconds(uniform, "gptq"), peak, uniform, args, bits=bits,
+                    group_size=group)
+        print(f"gptq {tag}: {budget:.4f} bits", flush=True)
+
+        variants = [("casp_gptq", lowrank, True)]
+        if args.ablations == "all" or i == 0:
+            variants += [("alloc_only_gptq", MODEL, True), ("lowrank_only_gptq", lowrank, False)]
+        for method, source, allocate in variants:
+            out = work / f"{method}-{tag}"
+            seconds = lowrank_s if source == lowrank else 0.0
+            extra = {"bits": bits, "group_size": group}
+            if allocate:
+                plan = work / f"plan-{method}-{tag}.json"
+                if not plan.is_file():
+                    start = time.perf_counter()
+                    casp("allocate", "--model", source, "--output", plan, "--budget",
+                         f"{budget:.6f}", "--bits", ALLOWED_BITS, "--group-size", 128,
+                         *calib_flags(args), log=log)
+                    (work / f"{plan.name}.seconds").write_text(str(time.perf_counter() - start))
+                plan_data = json.loads(plan.read_text())
+                seconds += plan_data["importance"]["seconds"]
+                extra.update({"budget": budget, "allowed_bits": ALLOWED_BITS,
+                              "layer_bits": [l["bits"] for l in plan_data["layers"]]})
+                casp("gptq", "--model", source, "--plan", plan, "--output", out,
+                     *calib_flags(args), log=log)
+            else:
+                casp("gptq", "--model", source, "--output", out, "--bits", bits, "--group-size",
+                     group, *calib_flags(args), log=log)
+            seconds += stage_seconds(out, "gptq")
+            rows += row(method, avg_bits_of(out), evaluate(out, work, args), seconds,
+                        peak_of(log), out, args, **extra)
+            print(f"{method} {tag}: {avg_bits_of(out):.4f} bits", flush=True)
+    return rows
+
+
+def table(rows: list[dict], args) -> str:
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["method"], r["avg_bits"], r["settings"].get("bits"),
+                       r["settings"].get("group_size")), {})[r["corpus"]] = r
+    lines = ["| method | setting | avg bits | PPL wiki | PPL lee | time (s) | peak RSS (GB) | "
+             "checkpoint (MiB) | quantized tensors / claimed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (method, bits, b, g), d in by.items():
+        w = d["wiki"]
+        if method == "fp":
+            setting = "-"
+        else:
+            base = f"{b}-bit {'per channel' if g == -1 else f'g{g}'}"
+            setting = {"gptq": base, "lowrank_only_gptq": f"low-rank 75% + {base}"}.get(
+                method, f"plan at the {base} budget")
+        ratio = (f"{w['quantized_bytes'] / w['claimed_quantized_bytes']:.3f}"
+                 if w.get("claimed_quantized_bytes") else "-")
+        size = f"{w['size_bytes'] / 2**20:.1f}" if w["size_bytes"] else "-"
+        lines.append(f"| {method} | {setting} | {bits if bits is not None else '-'} | "
+                     f"{w['ppl']:.2f} | {d['lee']['ppl']:.2f} | {w['quant_seconds'] or '-'} | "
+                     f"{w['peak_mem_gb'] or '-'} | {size} | {ratio} |")
+    r0 = rows[0]
+    lines += ["", f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} tokens (wiki train, "
+              f"seed 3); evaluation {r0['eval_windows']} x {r0['eval_seqlen']} tokens (test split "
+              f"of each corpus); GPTQ act-order, damp 0.01, true-sequential; CASP: whitened "
+              f"low-rank W_q/W_k 75% (factors 3-bit per channel), block-influence allocation over "
+              f"widths {{{ALLOWED_BITS}}} at group 128; time includes every stage (low-rank, "
+              f"importance, GPTQ); {r0['machine']}; {r0['date']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    styles = {"gptq": "o-", "casp_gptq": "s-", "alloc_only_gptq": "^--",
+              "lowrank_only_gptq": "v:"}
+    fp = {r["corpus"]: r["ppl"] for r in rows if r["method"] == "fp"}
+    for ax, corpus in zip(axes, ("wiki", "lee")):
+        for method, style in styles.items():
+            pts = sorted((r["avg_bits"], r["ppl"]) for r in rows
+                         if r["method"] == method and r["corpus"] == corpus)
+            if pts:
+                ax.plot(*zip(*pts), style, label=method)
+        ax.axhline(fp[corpus], color="gray", lw=0.8, ls="--", label="fp")
+        ax.set_yscale("log")
+        ax.set_xlabel("average bits (everything stored counted)")
+        ax.set_ylabel(f"perplexity ({corpus}, test)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: GPTQ vs CASP_GPTQ")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    p.add_argument("--ablations", choices=["first", "all"], default="first",
+                   help="run the ablations at the first budget only (default) or at every one")
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "gptq"),
+                   help="where checkpoints and logs go (reused by a rerun)")
+    args = p.parse_args()
+    rows = run(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gptq_quality.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / "gptq_quality.md").write_text(table(rows, args))
+    plot(rows, RESULTS / "gptq_quality.png")
+    print(table(rows, args))
+
+
+if __name__ == "__main__":
+    main()
