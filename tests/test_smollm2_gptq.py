@@ -1,0 +1,73 @@
+"""CASP_GPTQ on the real SmolLM2-135M: a small run (8 x 256 calibration tokens) in which
+CASP_GPTQ must beat uniform 2-bit GPTQ at the same average bits on both corpora."""
+import pytest
+import torch
+
+from casp.allocation import ImportancePass, allocate, average_bits, uniform_average_bits
+from casp.checkpoint import checkpoint_size, load_checkpoint
+from casp.cli import _eval_ppl
+from casp.data.calibration import CalibrationConfig
+from casp.loading import load_pretrained
+from casp.lowrank import LowRankPass
+from casp.pipeline import run_stage
+from casp.quant.gptq_pass import GPTQPass
+
+pytestmark = pytest.mark.real
+CPU = torch.device("cpu")
+CALIB = CalibrationConfig(dataset="wiki", split="train", nsamples=8, seqlen=256, seed=3)
+
+
+def ppl(checkpoint):
+    loaded = load_checkpoint(checkpoint)
+    return {c: _eval_ppl(loaded, c, "test", 256, 4, CPU).ppl for c in ("wiki", "lee")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smol_gptq")
+    base = load_pretrained("smollm2-135m")
+    budget = uniform_average_bits(base.model, base.spec, 2, 128, g_idx=True)
+    run_stage(base, "gptq", [GPTQPass(bits=2, group_size=128)], CALIB, CPU,
+              output=root / "gptq", progress=False)
+
+    loaded = load_pretrained("smollm2-135m")
+    run_stage(loaded, "lowrank", [LowRankPass(0.75)], CALIB, CPU, output=root / "lowrank",
+              progress=False)
+    importance = ImportancePass()
+    run_stage(loaded, "importance", [importance], CALIB, CPU, progress=False)
+    plan = allocate(loaded.model, loaded.spec, importance.scores, budget, [2, 3, 4, 5],
+                    group_size=128, g_idx=True)
+    run_stage(loaded, "gptq", [GPTQPass(plan=plan.modules, plan_id=plan.fingerprint())], CALIB,
+              CPU, output=root / "casp", progress=False)
+    return root, budget, plan, importance.scores
+
+
+def test_budget_is_the_uniform_models_average_bits(runs):
+    root, budget, plan, _ = runs
+    assert average_bits(load_checkpoint(root / "gptq").casp) == pytest.approx(budget)
+    # 2 bits + fp16 scale and zero per 128 weights (576 inputs: 5 groups) + int16 g_idx
+    assert 2.28 < budget < 2.30
+    assert average_bits(load_checkpoint(root / "casp").casp) <= budget
+
+
+def test_block_influence_ranks_the_first_layer_highest(runs):
+    _, _, plan, scores = runs
+    assert max(scores, key=scores.get) == 0 and scores[0] > 0.9
+    assert plan.layers[0]["bits"] == max(r["bits"] for r in plan.layers)
+
+
+def test_casp_gptq_beats_uniform_gptq_on_both_corpora(runs):
+    root = runs[0]
+    uniform, casp = ppl(root / "gptq"), ppl(root / "casp")
+    for corpus in ("wiki", "lee"):
+        assert casp[corpus] < uniform[corpus], (corpus, casp, uniform)
+
+
+def test_checkpoint_size_is_what_the_bits_claim(runs):
+    root = runs[0]
+    for name in ("gptq", "casp"):
+        size = checkpoint_size(root / name)
+        assert size["quantized_bytes"] == pytest.approx(size["claimed_quantized_bytes"], rel=0.01)
+        # the whole directory: quantized linears plus the untouched fp32 embeddings and norms
+        expected = size["claimed_quantized_bytes"] + size["other_weights_bytes"]
+        assert size["total_bytes"] == pytest.approx(expected, rel=0.10)
