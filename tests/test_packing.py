@@ -58,3 +58,14 @@ def test_gptq_int32_rejects_widths_and_sizes_it_cannot_store():
         pack_int32(torch.zeros(32, 1, dtype=torch.long), 3, 0)
     with pytest.raises(CaspError, match="multiple of 16"):
         pack_int32(torch.zeros(20, 1, dtype=torch.long), 2, 0)
+
+
+def test_v1_zero_points_round_trip_even_for_zero():
+    from casp.quant.export import _shift_words
+
+    for bits in (2, 4, 8):
+        zeros = torch.tensor([0, 1, 2 ** bits - 1, 0] * (8 // bits))     # one int32 word
+        words = pack_int32(zeros[None, :], bits, dim=1)
+        stored = _shift_words(words, bits, -1)
+        assert not torch.equal(stored, words)
+        assert torch.equal(unpack_int32(_shift_words(stored, bits, +1), bits, 1)[0], zeros)

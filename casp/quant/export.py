@@ -4,7 +4,10 @@ integration) and vLLM load, for models with no low-rank modules and one global s
 Per quantized linear ``<name>``:
     <name>.qweight  int32 [in * bits / 32, out]   codes packed along the input dimension
     <name>.qzeros   int32 [groups, out * bits / 32] zero points packed along the output
-                    dimension; format "gptq" (v1) stores zero - 1, "gptq_v2" the zero itself
+                    dimension; format "gptq_v2" stores the zeros themselves, "gptq" (v1)
+                    stores each packed word minus 0x..1111 (one per field, subtracted from
+                    the whole word as GPTQModel does, so a zero of 0 borrows from the next
+                    field and the loader's whole-word addition restores it exactly)
     <name>.scales   float16 [groups, out]
     <name>.g_idx    int32 [in]                     group of each input column
     <name>.bias     (if any)
@@ -107,17 +110,15 @@ def gptq_tensors(module: GPTQLinear, checkpoint_format: str = "gptq") -> dict[st
     bits, in_f = module.bits, module.in_features
     codes = module.codes().to(torch.int64)                         # [out, in]
     zeros = module.zeros.to(torch.int64)                           # [out, groups]
-    if checkpoint_format == "gptq":
-        if int(zeros.min()) < 1:
-            raise CaspError("a zero point of 0 cannot be stored in the v1 GPTQ format; export "
-                            "with checkpoint format gptq_v2")
-        zeros = zeros - 1
     if module.g_idx is not None:
         g_idx = module.g_idx.to(torch.int32)
     else:
         g_idx = (torch.arange(in_f) // module.group_size).to(torch.int32)
+    qzeros = pack_int32(zeros.T, bits, dim=1)
+    if checkpoint_format == "gptq":
+        qzeros = _shift_words(qzeros, bits, -1)
     tensors = {"qweight": pack_int32(codes.T, bits, dim=0),
-               "qzeros": pack_int32(zeros.T, bits, dim=1),
+               "qzeros": qzeros,
                "scales": module.scales.T.contiguous().to(torch.float16),
                "g_idx": g_idx}
     if module.bias is not None:
@@ -129,8 +130,17 @@ def dequantize_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int,
                             checkpoint_format: str = "gptq") -> torch.Tensor:
     """The float32 weight [out, in] a standard GPTQ module stands for (for checks)."""
     codes = unpack_int32(tensors["qweight"], bits, dim=0).T.float()     # [out, in]
-    zeros = unpack_int32(tensors["qzeros"], bits, dim=1).T.float()      # [out, groups]
+    qzeros = tensors["qzeros"]
     if checkpoint_format == "gptq":
-        zeros = zeros + 1
+        qzeros = _shift_words(qzeros, bits, +1)
+    zeros = unpack_int32(qzeros, bits, dim=1).T.float()                 # [out, groups]
     g = tensors["g_idx"].long()
     return tensors["scales"].T.float()[:, g] * (codes - zeros[:, g])
+
+
+def _shift_words(words: torch.Tensor, bits: int, sign: int) -> torch.Tensor:
+    """Add (sign=+1) or subtract (-1) one in every field of int32 words, as whole 32-bit
+    words with wrap-around (the v1 format's zero-point convention)."""
+    ones = sum(1 << (bits * k) for k in range(32 // bits))
+    w = (words.to(torch.int64) + sign * ones) % 2**32
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
