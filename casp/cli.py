@@ -354,6 +354,11 @@ def cmd_info(args) -> int:
     for d in section.get("modules", {}).values():
         kinds[d["type"]] = kinds.get(d["type"], 0) + 1
     print("changed modules: " + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"))
+    from .allocation import average_bits
+
+    bits = average_bits(section)
+    if bits is not None:
+        print(f"quantized linears: {bits:.4f} average bits per original dense weight")
     if args.verbose:
         for name, d in section.get("modules", {}).items():
             print(f"  {name}: {json.dumps(d)}")
