@@ -5,7 +5,7 @@ For each uniform GPTQ setting of the sweep (2-bit g128, 2-bit g64,
     casp_gptq          low-rank W_q/W_k (75%, whitened) + bit allocation + GPTQ with the plan
     alloc_only_gptq    bit allocation on the original model + GPTQ (no low-rank)
     lowrank_only_gptq  low-rank + uniform GPTQ at the same setting (its saved bits unspent)
-(the ablations run at every budget with --ablations all, at the first one by default).
+(the ablations run at the budgets named by --ablations: w2g128 by default, or all).
 Perplexity on the bundled Wikipedia text and the Lee news corpus (test splits), time of
 every stage, process peak RSS, checkpoint size against what the bits claim.
 
@@ -132,7 +132,7 @@ def run(args) -> list[dict]:
         print(f"gptq {tag}: {budget:.4f} bits", flush=True)
 
         variants = [("casp_gptq", lowrank, True)]
-        if args.ablations == "all" or i == 0:
+        if "all" in args.ablations or tag in args.ablations:
             variants += [("alloc_only_gptq", MODEL, True), ("lowrank_only_gptq", lowrank, False)]
         for method, source, allocate in variants:
             out = work / f"{method}-{tag}"
@@ -228,8 +228,9 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
-    p.add_argument("--ablations", choices=["first", "all"], default="first",
-                   help="run the ablations at the first budget only (default) or at every one")
+    p.add_argument("--ablations", nargs="+", default=["w2g128"],
+                   help="budgets (tags such as w2g128, w3g128, w4g128) at which to run the "
+                        "ablations, or 'all' (default: w2g128)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "gptq"),
                    help="where checkpoints and logs go (reused by a rerun)")
     args = p.parse_args()
