@@ -29,10 +29,12 @@ REF_PY = ROOT / "bench" / ".refenv" / "bin" / "python"
 
 
 def sh(cmd: list, log: Path) -> None:
+    """Run ``cmd`` in the log's folder (GPTQModel writes a logs/ folder where it runs)."""
     with open(log, "a") as fh:
         fh.write("$ " + " ".join(map(str, cmd)) + "\n")
         fh.flush()
-        if subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT,
+                          cwd=log.parent).returncode:
             raise SystemExit(f"failed: {' '.join(map(str, cmd))}; see {log}")
 
 
