@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "gptq_reference"))
     args = p.parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
 
