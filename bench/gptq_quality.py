@@ -42,22 +42,30 @@ def machine() -> str:
 
 
 def casp(*argv, log: Path) -> None:
-    """Run one casp command in its own process (peak memory is its own)."""
-    cmd = [sys.executable, "-m", "casp", *[str(a) for a in argv]]
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
-
-
-def peak_of(log: Path) -> float | None:
-    """The peak RSS the last casp stage in ``log`` reported."""
+    """Run one casp command in its own process (peak memory is its own). A stage's peak RSS
+    is kept in peaks.json beside the log, by output directory, so that a rerun that finds
+    the stage already done still reports it."""
     import re
 
-    found = re.findall(r"peak RSS ([0-9.]+) GB", log.read_text())
-    return float(found[-1]) if found else None
+    cmd = [sys.executable, "-m", "casp", *[str(a) for a in argv]]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n" + done.stdout + done.stderr)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+    found = re.findall(r"peak RSS ([0-9.]+) GB", done.stdout)
+    if found and "--output" in argv:
+        peaks_file = log.parent / "peaks.json"
+        peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
+        peaks[Path(str(argv[argv.index("--output") + 1])).name] = float(found[-1])
+        peaks_file.write_text(json.dumps(peaks, indent=1) + "\n")
+
+
+def peak_of(checkpoint: Path) -> float | None:
+    """The peak RSS of the stage that wrote ``checkpoint``."""
+    peaks_file = checkpoint.parent / "peaks.json"
+    peaks = json.loads(peaks_file.read_text()) if peaks_file.is_file() else {}
+    return peaks.get(checkpoint.name)
 
 
 def stage_seconds(checkpoint: Path, stage: str) -> float:
@@ -125,7 +133,7 @@ def run(args) -> list[dict]:
         casp("gptq", "--model", MODEL, "--output", uniform, "--bits", bits, "--group-size", group,
              *calib_flags(args), log=log)
         budget = avg_bits_of(uniform)
-        peak = peak_of(log)
+        peak = peak_of(uniform)
         rows += row("gptq", budget, evaluate(uniform, work, args),
                     stage_seconds(uniform, "gptq"), peak, uniform, args, bits=bits,
                     group_size=group)
@@ -157,7 +165,7 @@ def run(args) -> list[dict]:
                      group, *calib_flags(args), log=log)
             seconds += stage_seconds(out, "gptq")
             rows += row(method, avg_bits_of(out), evaluate(out, work, args), seconds,
-                        peak_of(log), out, args, **extra)
+                        peak_of(out), out, args, **extra)
             print(f"{method} {tag}: {avg_bits_of(out):.4f} bits", flush=True)
     return rows
 
