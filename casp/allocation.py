@@ -31,7 +31,7 @@ from .errors import CaspError
 from .layerwise import LayerContext, LayerPass, fingerprint
 from .models import ModelSpec
 from .quant.common import is_factor, quantizable_linears
-from .quant.gptq import check_bits, effective_group_size, stored_bits
+from .quant.gptq import check_bits, described_bits, effective_group_size, stored_bits
 
 log = logging.getLogger("casp")
 
@@ -86,19 +86,22 @@ class QuantSetting:
         return stored_bits(out_features, in_features, self.bits, self.group_size, self.g_idx)
 
 
-def dense_parameters(model: nn.Module, spec: ModelSpec) -> int:
-    """Parameters of the quantized linears before any low-rank factorisation."""
+def dense_shapes(model: nn.Module, spec: ModelSpec) -> list[tuple[int, int]]:
+    """(out, in) of every quantized linear as it was before any low-rank factorisation."""
     from .lowrank import LowRankLinear
 
-    total = 0
-    for index, layer in enumerate(spec.decoder_layers(model)):
+    shapes = []
+    for layer in spec.decoder_layers(model):
         for name in spec.linears:
             m = layer.get_submodule(name)
-            if isinstance(m, LowRankLinear):
-                total += m.in_features * m.out_features
-            else:
-                total += m.weight.shape[0] * m.weight.shape[1]
-    return total
+            shapes.append((m.out_features, m.in_features) if isinstance(m, LowRankLinear)
+                          else tuple(m.weight.shape))
+    return shapes
+
+
+def dense_parameters(model: nn.Module, spec: ModelSpec) -> int:
+    """Parameters of the quantized linears before any low-rank factorisation."""
+    return sum(out_f * in_f for out_f, in_f in dense_shapes(model, spec))
 
 
 def average_bits(section: dict) -> float | None:
@@ -110,8 +113,7 @@ def average_bits(section: dict) -> float | None:
     for name, d in modules.items():
         if d["type"] != "gptq":
             continue
-        stored += stored_bits(d["out_features"], d["in_features"], d["bits"], d["group_size"],
-                              d.get("g_idx", False))
+        stored += described_bits(d)
         parent = name.rsplit(".", 1)[0]
         if is_factor(name) and modules.get(parent, {}).get("type") == "lowrank":
             if parent not in counted_parents:
@@ -388,17 +390,9 @@ def uniform_average_bits(model: nn.Module, spec: ModelSpec, bits: int, group_siz
     """Average bits of quantizing every linear at one setting (the uniform baseline). With
     ``dense``, low-rank modules count as the dense linears they replaced: the budget of the
     uniform baseline on the original model."""
-    from .lowrank import LowRankLinear
-
     setting = QuantSetting(bits, group_size, g_idx)
     if dense:
-        total = 0
-        for layer in spec.decoder_layers(model):
-            for name in spec.linears:
-                m = layer.get_submodule(name)
-                shape = ((m.out_features, m.in_features) if isinstance(m, LowRankLinear)
-                         else tuple(m.weight.shape))
-                total += setting.cost(*shape)
+        total = sum(setting.cost(*shape) for shape in dense_shapes(model, spec))
     else:
         total = sum(setting.cost(*l.weight.shape)
                     for l in quantizable_linears(model, spec).values())

@@ -231,7 +231,7 @@ def checkpoint_size(path: str | Path) -> dict:
     bits claim (from the casp section), and the rest of the weights."""
     import struct
 
-    from .quant.gptq import stored_bits
+    from .quant.gptq import described_bits
 
     path = Path(path)
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -249,7 +249,6 @@ def checkpoint_size(path: str | Path) -> dict:
     claimed = 0
     for d in (read_casp_section(path) or {}).get("modules", {}).values():
         if d["type"] == "gptq":
-            claimed += stored_bits(d["out_features"], d["in_features"], d["bits"],
-                                   d["group_size"], d.get("g_idx", False))
+            claimed += described_bits(d)
     return {"total_bytes": total, "weights_bytes": weights, "quantized_bytes": quantized,
             "claimed_quantized_bytes": claimed // 8, "other_weights_bytes": weights - quantized}

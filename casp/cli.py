@@ -115,11 +115,9 @@ def _load_ranks(path: str | None) -> dict[str, int]:
 
 
 def cmd_lowrank(args) -> int:
-    from .checkpoint import check_output_dir, read_casp_section
-    from .layerwise import fingerprint
     from .loading import load_pretrained, resolve_device
     from .lowrank import LowRankPass
-    from .pipeline import run_stage, stage_key
+    from .pipeline import run_stage
 
     device = resolve_device(args.device)
     ranks = _load_ranks(args.ranks)
@@ -127,11 +125,7 @@ def cmd_lowrank(args) -> int:
     lowrank = LowRankPass(compression=args.compression, method=args.method, ranks=ranks,
                           propagate=args.propagate)
     calibration = _calibration(args)
-    # settle the output directory before spending minutes on loading a large model
-    input_casp = read_casp_section(args.model) if Path(args.model).is_dir() else None
-    key = fingerprint(stage_key(args.model, input_casp, "lowrank", [lowrank], calibration, layers))
-    if check_output_dir(args.output, key, args.overwrite):
-        print(f"{args.output} is already done (same model and settings)")
+    if _early_output_check(args, "lowrank", [lowrank]):
         return 0
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     if ranks:

@@ -1,27 +1,10 @@
 #!/usr/bin/env bash
-# CASP_GPTQ for Llama-family LLMs: bit allocation (stage 2) on the low-rank checkpoint written by
-# SVD/scripts/svd_llama.sh, then GPTQ with the plan (stage 3). Paper defaults: 2-bit group
-# 128 budget, act-order, true-sequential, 128 calibration samples. Override any value from
-# the environment, e.g.
+# CASP_GPTQ for Llama-family LLMs: bit allocation (stage 2) on the low-rank checkpoint written
+# by SVD/scripts/svd_llama.sh, then GPTQ with the plan (stage 3). The same settings and
+# paper defaults as quantize_llava.sh (see there); only the model paths differ. Override any
+# value from the environment, e.g.
 #   MODEL=checkpoints/llama-2-13b-svd OUTPUT=checkpoints/llama-2-13b-casp-gptq bash GPTQ/scripts/quantize_llama.sh
 set -euo pipefail
-MODEL=${MODEL:-checkpoints/llama-2-7b-svd}        # low-rank checkpoint (stage 1)
+MODEL=${MODEL:-checkpoints/llama-2-7b-svd}          # low-rank checkpoint (stage 1)
 OUTPUT=${OUTPUT:-checkpoints/llama-2-7b-casp-gptq}
-PLAN=${PLAN:-$OUTPUT.plan.json}                     # reused when it exists
-ALLOWED_BITS=${ALLOWED_BITS:-2,3}                   # the widths the paper's code used
-FACTOR_BITS=${FACTOR_BITS:-3}                       # low-rank factors: 3 bits ...
-FACTOR_GROUP_SIZE=${FACTOR_GROUP_SIZE:--1}          # ... per channel (the paper's code)
-IMPORTANCE=${IMPORTANCE:-block_influence}
-BITS=${BITS:-2}                                     # modules the plan does not name
-GROUP_SIZE=${GROUP_SIZE:-128}
-PLAN_BUDGET=${PLAN_BUDGET:-$BITS@$GROUP_SIZE}       # what uniform BITS-bit GPTQ stores (2.25+)
-DAMP=${DAMP:-0.01}
-DATASET=${DATASET:-c4}                              # GPTQ's calibration text
-NSAMPLES=${NSAMPLES:-128}
-SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
-EXTRA=${EXTRA:-}                                    # more casp gptq flags
-source "$(dirname "$0")/gptq_stage.sh"
+source "$(dirname "$0")/quantize_llava.sh"

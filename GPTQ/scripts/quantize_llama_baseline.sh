@@ -1,20 +1,8 @@
 #!/usr/bin/env bash
-# The GPTQ baseline for Llama-family LLMs (no CASP): every linear of the language model at BITS bits,
-# group GROUP_SIZE, act-order, true-sequential, 128 calibration samples. Override from the
+# The GPTQ baseline for Llama-family LLMs (no CASP): the same settings and paper defaults as
+# quantize_llava_baseline.sh (see there); only the model paths differ. Override from the
 # environment, e.g. BITS=3 OUTPUT=checkpoints/llama-2-7b-gptq-3bit bash GPTQ/scripts/quantize_llama_baseline.sh
 set -euo pipefail
 MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
 OUTPUT=${OUTPUT:-checkpoints/llama-2-7b-gptq-2bit}
-BITS=${BITS:-2}
-GROUP_SIZE=${GROUP_SIZE:-128}
-DAMP=${DAMP:-0.01}
-DATASET=${DATASET:-c4}
-NSAMPLES=${NSAMPLES:-128}
-SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
-EXTRA=${EXTRA:-}                  # e.g. "--export-gptq checkpoints/llama-gptq-std" (2/4/8 bits)
-unset PLAN_BUDGET
-source "$(dirname "$0")/gptq_stage.sh"
+source "$(dirname "$0")/quantize_llava_baseline.sh"

@@ -52,6 +52,13 @@ def stored_bits(out_features: int, in_features: int, bits: int, group_size: int 
     return total + (in_features * G_IDX_BITS if g_idx else 0)
 
 
+def described_bits(description: dict) -> int:
+    """:func:`stored_bits` of a GPTQ module from its checkpoint description."""
+    d = description
+    return stored_bits(d["out_features"], d["in_features"], d["bits"], d["group_size"],
+                       d.get("g_idx", False))
+
+
 def check_bits(bits: int) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise CaspError(f"{bits} bits is outside what casp quantizes to; use 2 to 8 bits")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import register_module_type
-from .gptq import GPTQResult, check_bits, dequantize, effective_group_size, stored_bits
+from .gptq import GPTQResult, check_bits, dequantize, described_bits, effective_group_size
 from .packing import pack_bits, packed_size, unpack_bits
 
 
@@ -100,8 +100,7 @@ class GPTQLinear(nn.Module):
         return self
 
     def storage_bits(self) -> int:
-        return stored_bits(self.out_features, self.in_features, self.bits, self.group_size,
-                           self.g_idx is not None)
+        return described_bits(self.describe())
 
     def describe(self) -> dict:
         return {"type": self.type_name, "in_features": self.in_features,
