@@ -30,8 +30,8 @@ from torch import nn
 from .errors import CaspError
 from .layerwise import LayerContext, LayerPass, fingerprint
 from .models import ModelSpec
-from .quant.common import is_factor, quantizable_linears
-from .quant.gptq import check_bits, described_bits, effective_group_size, stored_bits
+from .quant.common import described_stored_bits, is_factor, quantizable_linears
+from .quant.gptq import check_bits, effective_group_size, stored_bits
 
 log = logging.getLogger("casp")
 
@@ -85,6 +85,32 @@ class QuantSetting:
     def cost(self, out_features: int, in_features: int) -> int:
         return stored_bits(out_features, in_features, self.bits, self.group_size, self.g_idx)
 
+    def check(self, out_features: int, in_features: int, name: str = "the module") -> None:
+        effective_group_size(in_features, self.group_size)
+
+    def plan_entry(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+
+
+def parse_codebook_map(text: str) -> dict[int, "AQLMSetting"]:
+    """'2=2x8,3=2x12' -> {2: AQLMSetting 2x8, 3: AQLMSetting 2x12}: the AQLM codebook
+    setting each allocated width stands for."""
+    from .quant.aqlm import AQLMSetting
+
+    result = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        width, sep, setting = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            result[int(width)] = AQLMSetting.parse(setting)
+        except ValueError:
+            raise CaspError(f"codebook map item {item!r} is not WIDTH=MxB (e.g. 2=2x8,3=2x12)")
+    if not result:
+        raise CaspError("empty codebook map; give e.g. 2=2x8,3=2x12")
+    return result
+
 
 def dense_shapes(model: nn.Module, spec: ModelSpec) -> list[tuple[int, int]]:
     """(out, in) of every quantized linear as it was before any low-rank factorisation."""
@@ -111,9 +137,10 @@ def average_bits(section: dict) -> float | None:
     stored, dense = 0, 0
     counted_parents = set()
     for name, d in modules.items():
-        if d["type"] != "gptq":
+        bits = described_stored_bits(d)
+        if bits is None:
             continue
-        stored += described_bits(d)
+        stored += bits
         parent = name.rsplit(".", 1)[0]
         if is_factor(name) and modules.get(parent, {}).get("type") == "lowrank":
             if parent not in counted_parents:
@@ -302,12 +329,15 @@ class BitPlan:
 
 def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], budget: float,
              allowed_bits: list[int], group_size: int = 128, factor_bits: int | None = 3,
-             factor_group_size: int = -1, g_idx: bool = False) -> BitPlan:
+             factor_group_size: int = -1, g_idx: bool = False,
+             codebooks: dict[int, "AQLMSetting"] | None = None) -> BitPlan:
     """Solve the allocation for ``model`` (original or low-rank) at ``budget`` average bits.
 
     Each layer gets one width from ``allowed_bits`` for its dense linears (group
     ``group_size``); low-rank factors get ``factor_bits`` (per channel by default, as the
-    official code does), or the layer's width when ``factor_bits`` is None.
+    official code does), or the layer's width when ``factor_bits`` is None. With
+    ``codebooks`` (width -> AQLM setting) the plan is for AQLM: a module at width b is
+    stored with ``codebooks[b]`` and costs what that setting stores.
     """
     if not allowed_bits:
         raise CaspError("no allowed bit widths; give e.g. --bits 2,3,4")
@@ -323,15 +353,25 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
     if missing:
         raise CaspError(f"no importance score for layer {missing[0]}")
 
-    def setting(name: str, width: int) -> QuantSetting:
-        if is_factor(name):
-            return QuantSetting(width if factor_bits is None else factor_bits,
-                                factor_group_size, g_idx)
-        return QuantSetting(width, group_size, g_idx)
+    if codebooks is not None:
+        meta_codebooks = {str(b): s.name for b, s in sorted(codebooks.items())}
+        lacking = [b for b in allowed + ([factor_bits] if factor_bits else []) if b not in codebooks]
+        if lacking:
+            raise CaspError(f"no AQLM codebook setting for {lacking[0]} bits; add it to the "
+                            "codebook map (e.g. --codebooks 2=2x8,3=2x12,4=4x8)")
+
+    def setting(name: str, width: int):
+        if is_factor(name) and factor_bits is not None:
+            width, group = factor_bits, factor_group_size
+        else:
+            group = group_size
+        if codebooks is not None:
+            return codebooks[width]
+        return QuantSetting(width, group, g_idx)
 
     for name, lin in linears.items():
-        out_f, in_f = lin.weight.shape
-        effective_group_size(in_f, setting(name, allowed[0]).group_size)   # validates
+        for b in allowed:
+            setting(name, b).check(*lin.weight.shape, name=name)          # validates
 
     by_layer: dict[int, list[str]] = {i: [] for i in range(n_layers)}
     for name in linears:
@@ -349,8 +389,10 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
         solve_widths(choices, budget_total)
     except CaspError:
         lowest = sum(min(c.costs.values()) for c in choices) / dense
+        what = (f"AQLM {codebooks[allowed[0]].name}" if codebooks is not None
+                else f"group {group_size}")
         raise CaspError(f"budget {budget} bits cannot be met: the smallest allowed width "
-                        f"({allowed[0]} bits, group {group_size}) already needs {lowest:.4f} "
+                        f"({allowed[0]} bits, {what}) already needs {lowest:.4f} "
                         "average bits; raise --budget or allow fewer bits")
     if all(c.bits == allowed[-1] for c in choices):
         log.warning("budget %.4f exceeds what the widest allowed width uses; every layer gets "
@@ -370,8 +412,7 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
     modules, layers_out, total = {}, [], 0
     for c in choices:
         for n in by_layer[c.index]:
-            s = setting(n, c.bits)
-            modules[n] = {"bits": s.bits, "group_size": s.group_size,
+            modules[n] = {**setting(n, c.bits).plan_entry(),
                           "shape": list(linears[n].weight.shape)}
         total += c.costs[c.bits]
         layers_out.append({"layer": c.index, "importance": round(c.importance, 6),
@@ -380,6 +421,8 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
     meta = {"budget_bits": budget, "achieved_bits": total / dense, "stored_bits": total,
             "dense_parameters": dense, "allowed_bits": allowed, "group_size": group_size,
             "factor_bits": factor_bits, "factor_group_size": factor_group_size, "g_idx": g_idx,
+            "quantizer": "gptq" if codebooks is None else "aqlm",
+            **({"codebooks": meta_codebooks} if codebooks is not None else {}),
             "architecture": type(model).__name__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return BitPlan(modules=modules, layers=layers_out, meta=meta)
@@ -387,10 +430,16 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
 
 def uniform_average_bits(model: nn.Module, spec: ModelSpec, bits: int, group_size: int,
                          g_idx: bool = False, dense: bool = False) -> float:
-    """Average bits of quantizing every linear at one setting (the uniform baseline). With
+    """Average bits of GPTQ on every linear at one setting (the uniform baseline). With
     ``dense``, low-rank modules count as the dense linears they replaced: the budget of the
     uniform baseline on the original model."""
-    setting = QuantSetting(bits, group_size, g_idx)
+    return uniform_setting_bits(model, spec, QuantSetting(bits, group_size, g_idx), dense)
+
+
+def uniform_setting_bits(model: nn.Module, spec: ModelSpec, setting, dense: bool = False
+                         ) -> float:
+    """Average bits of storing every quantized linear with ``setting`` (anything with a
+    ``cost(out, in)``: a GPTQ QuantSetting or an AQLMSetting)."""
     if dense:
         total = sum(setting.cost(*shape) for shape in dense_shapes(model, spec))
     else:
@@ -400,8 +449,14 @@ def uniform_average_bits(model: nn.Module, spec: ModelSpec, bits: int, group_siz
 
 
 def parse_budget(text: str) -> tuple[float | None, tuple[int, int] | None]:
-    """A budget is a number of average bits (2.25), or BITS@GROUP (2@128, 3@-1): the average
-    bits of uniform GPTQ at that setting on the original dense model."""
+    """A budget is a number of average bits (2.25), BITS@GROUP (2@128, 3@-1): the average
+    bits of uniform GPTQ at that setting on the original dense model, or an AQLM setting
+    (2x8, 1x16, 2x8g8): what uniform AQLM at that setting stores on the dense model (the
+    second element is then an AQLMSetting)."""
+    from .quant.aqlm import SETTING_PATTERN, AQLMSetting
+
+    if SETTING_PATTERN.match(text.strip()):
+        return None, AQLMSetting.parse(text)
     if "@" in text:
         bits, _, group = text.partition("@")
         try:
@@ -415,8 +470,9 @@ def parse_budget(text: str) -> tuple[float | None, tuple[int, int] | None]:
             value = None
         if value is not None and 1.0 <= value <= 16.0:
             return value, None
-    raise CaspError(f"budget {text!r} is not average bits in 1-16 (e.g. 2.25) or BITS@GROUP "
-                    "(e.g. 2@128: the bits of uniform 2-bit group-128 GPTQ)")
+    raise CaspError(f"budget {text!r} is not average bits in 1-16 (e.g. 2.25), BITS@GROUP "
+                    "(e.g. 2@128: the bits of uniform 2-bit group-128 GPTQ) or an AQLM setting "
+                    "(e.g. 2x8: the bits of uniform AQLM 2x8)")
 
 
 def format_plan_table(plan: BitPlan) -> str:
@@ -425,12 +481,19 @@ def format_plan_table(plan: BitPlan) -> str:
         lines.append(f"| {row['layer']} | {row['importance']:.4f} | {row['continuous_bits']:.2f} "
                      f"| {row['bits']} |")
     m = plan.meta
-    factors = ("same as the layer" if m["factor_bits"] is None else
-               f"{m['factor_bits']} bits, group {m['factor_group_size']}")
+    books = m.get("codebooks")
+    if books:
+        factors = ("same as the layer" if m["factor_bits"] is None else
+                   f"{m['factor_bits']} bits = AQLM {books[str(m['factor_bits'])]}")
+        setting = "AQLM " + ", ".join(f"{b} bits = {s}" for b, s in books.items())
+    else:
+        factors = ("same as the layer" if m["factor_bits"] is None else
+                   f"{m['factor_bits']} bits, group {m['factor_group_size']}")
+        setting = f"group {m['group_size']}"
     lines.append("")
     lines.append(f"budget {m['budget_bits']} bits; achieved {m['achieved_bits']:.4f} average bits "
-                 f"over {m['dense_parameters']:,} original dense weights (group {m['group_size']}"
-                 f", overheads included); low-rank factors: {factors}")
+                 f"over {m['dense_parameters']:,} original dense weights ({setting}, overheads "
+                 f"included); low-rank factors: {factors}")
     return "\n".join(lines)
 
 

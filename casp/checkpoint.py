@@ -223,7 +223,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> to
     return loaded.model.to(resolve_device(device))
 
 
-QUANTIZED_TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".g_idx")
+QUANTIZED_TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".g_idx", ".codes", ".codebooks")
 
 
 def checkpoint_size(path: str | Path) -> dict:
@@ -231,7 +231,7 @@ def checkpoint_size(path: str | Path) -> dict:
     bits claim (from the casp section), and the rest of the weights."""
     import struct
 
-    from .quant.gptq import described_bits
+    from .quant.common import described_stored_bits
 
     path = Path(path)
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -248,7 +248,6 @@ def checkpoint_size(path: str | Path) -> dict:
                 quantized += nbytes
     claimed = 0
     for d in (read_casp_section(path) or {}).get("modules", {}).values():
-        if d["type"] == "gptq":
-            claimed += described_bits(d)
+        claimed += described_stored_bits(d) or 0
     return {"total_bytes": total, "weights_bytes": weights, "quantized_bytes": quantized,
             "claimed_quantized_bytes": claimed // 8, "other_weights_bytes": weights - quantized}

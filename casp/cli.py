@@ -13,6 +13,7 @@ from .errors import CaspError
 log = logging.getLogger("casp")
 
 DEMO_MODEL = "smollm2-135m"
+DEFAULT_AQLM_CODEBOOKS_TEXT = "2=2x8,3=2x12,4=4x8"
 
 
 def _ratio(text: str) -> float:
@@ -123,7 +124,7 @@ def cmd_lowrank(args) -> int:
     ranks = _load_ranks(args.ranks)
     layers = _layers(args.layers)
     lowrank = LowRankPass(compression=args.compression, method=args.method, ranks=ranks,
-                          propagate=args.propagate)
+                          propagate=args.propagate, rank_multiple=args.rank_multiple)
     calibration = _calibration(args)
     if _early_output_check(args, "lowrank", [lowrank]):
         return 0
@@ -215,11 +216,16 @@ def _early_output_check(args, stage: str, passes) -> bool:
 
 def cmd_allocate(args) -> int:
     from .allocation import (ImportancePass, allocate, format_plan_table, parse_budget,
-                             plot_plan, uniform_average_bits)
+                             parse_codebook_map, plot_plan, uniform_average_bits,
+                             uniform_setting_bits)
     from .quant.gptq import check_bits
     from .loading import load_pretrained, resolve_device
     from .pipeline import run_stage
 
+    if args.quantizer == "aqlm":
+        from .allocation import parse_codebook_map
+
+        parse_codebook_map(args.codebooks)      # refuse a malformed map before any work
     out = Path(args.output)
     if out.suffix != ".json":
         raise CaspError(f"--output {out} should be a .json file (the plot is written beside it "
@@ -232,19 +238,25 @@ def cmd_allocate(args) -> int:
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     calibration = _calibration(args)
     result = run_stage(loaded, "importance", [importance], calibration, device)
-    g_idx = args.act_order and not args.static_groups
+    aqlm = args.quantizer == "aqlm"
+    g_idx = args.act_order and not args.static_groups and not aqlm
     budget, uniform = parse_budget(args.budget)
-    if uniform is not None:
+    if isinstance(uniform, tuple):
         check_bits(uniform[0])
         budget = uniform_average_bits(loaded.model, loaded.spec, *uniform, g_idx=g_idx,
                                       dense=True)
-        print(f"budget {args.budget}: uniform {uniform[0]}-bit group {uniform[1]} on the dense "
-              f"model stores {budget:.4f} average bits")
+        print(f"budget {args.budget}: uniform {uniform[0]}-bit group {uniform[1]} GPTQ on the "
+              f"dense model stores {budget:.4f} average bits")
+    elif uniform is not None:
+        budget = uniform_setting_bits(loaded.model, loaded.spec, uniform, dense=True)
+        print(f"budget {args.budget}: uniform AQLM {uniform.name} on the dense model stores "
+              f"{budget:.4f} average bits")
     plan = allocate(loaded.model, loaded.spec, importance.scores, budget, bits,
                     group_size=args.group_size,
                     factor_bits=None if args.factor_bits == 0 else args.factor_bits,
-                    factor_group_size=args.factor_group_size, g_idx=g_idx)
-    plan.meta.update({"model": args.model, "quantizer": "gptq", "act_order": args.act_order,
+                    factor_group_size=args.factor_group_size, g_idx=g_idx,
+                    codebooks=parse_codebook_map(args.codebooks) if aqlm else None)
+    plan.meta.update({"model": args.model, "act_order": args.act_order and not aqlm,
                       "static_groups": args.static_groups,
                       "importance": {"method": args.importance,
                                      "calibration": calibration.as_dict(),
@@ -256,15 +268,50 @@ def cmd_allocate(args) -> int:
     return 0
 
 
-def cmd_gptq(args) -> int:
-    from .allocation import BitPlan, average_bits
-    from .checkpoint import checkpoint_size
+def _quantizer_plan(args, quantizer: str):
+    """The --plan file, refused unless it was made for ``quantizer``."""
+    from .allocation import BitPlan
+
+    plan = BitPlan.load(args.plan) if args.plan else None
+    made_for = plan.meta.get("quantizer", "gptq") if plan is not None else quantizer
+    if made_for != quantizer:
+        raise CaspError(f"{args.plan} is a plan for {made_for}, not {quantizer.upper()}; make "
+                        f"one with casp allocate --quantizer {quantizer}")
+    return plan
+
+
+def _run_quantizer(args, stage: str, layer_pass, plan, export: str | None, export_fn) -> int:
+    """Load, check the plan against the model, run the quantization stage, report, and
+    optionally export the standard format: what casp gptq and casp aqlm share."""
     from .loading import load_pretrained, resolve_device
     from .pipeline import run_stage
-    from .quant.gptq_pass import GPTQPass
 
     device = resolve_device(args.device)
-    plan = BitPlan.load(args.plan) if args.plan else None
+    if _early_output_check(args, stage, [layer_pass]):
+        return 0
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if plan is not None:
+        plan.check_matches(loaded.model, loaded.spec, args.model)
+    result = run_stage(loaded, stage, [layer_pass], _calibration(args), device,
+                       output=args.output, overwrite=args.overwrite, layers=_layers(args.layers),
+                       offload_activations=args.offload_activations)
+    if result.skipped:
+        print(f"{args.output} is already done (same model and settings)")
+        return 0
+    _report_quantized(stage.upper(), loaded, result, args.output)
+    if export:
+        from .checkpoint import load_checkpoint
+
+        path = export_fn(load_checkpoint(args.output), export, args.overwrite)
+        print(f"standard {stage.upper()} format written to {path}")
+    return 0
+
+
+def cmd_gptq(args) -> int:
+    from .quant.export import export_gptq
+    from .quant.gptq_pass import GPTQPass
+
+    plan = _quantizer_plan(args, "gptq")
     if plan is not None:
         g_idx = args.act_order and not args.static_groups
         if plan.meta.get("g_idx", g_idx) != g_idx:
@@ -277,34 +324,41 @@ def cmd_gptq(args) -> int:
                     plan_id=plan.fingerprint() if plan else None, act_order=args.act_order,
                     static_groups=args.static_groups, damp=args.damp,
                     block_size=args.block_size, true_sequential=args.true_sequential)
-    if _early_output_check(args, "gptq", [gptq]):
-        return 0
-    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    if plan is not None:
-        plan.check_matches(loaded.model, loaded.spec, args.model)
-    result = run_stage(loaded, "gptq", [gptq], _calibration(args), device, output=args.output,
-                       overwrite=args.overwrite, layers=_layers(args.layers),
-                       offload_activations=args.offload_activations)
-    if result.skipped:
-        print(f"{args.output} is already done (same model and settings)")
-        return 0
+    return _run_quantizer(args, "gptq", gptq, plan, args.export_gptq, export_gptq)
+
+
+def _report_quantized(method: str, loaded, result, output) -> None:
+    from .allocation import average_bits
+    from .checkpoint import checkpoint_size
+
     avg = average_bits(loaded.casp)
-    size = checkpoint_size(args.output)
+    size = checkpoint_size(output)
     errors = [d["relative_error"] for d in result.changes.values() if "relative_error" in d]
-    print(f"GPTQ: {len(result.changes)} modules, {avg:.4f} average bits, relative output error "
-          f"mean {sum(errors) / len(errors):.4f} max {max(errors):.4f}")
+    print(f"{method}: {len(result.changes)} modules, {avg:.4f} average bits, relative output "
+          f"error mean {sum(errors) / len(errors):.4f} max {max(errors):.4f}")
     print(f"quantization {result.seconds:.1f} s, peak RSS {result.peak_rss_gb:.2f} GB"
           + (f", peak CUDA {result.peak_cuda_gb:.2f} GB" if result.peak_cuda_gb else ""))
     print(f"checkpoint written to {result.output}: {size['total_bytes'] / 2**20:.1f} MiB "
           f"(quantized linears {size['quantized_bytes'] / 2**20:.2f} MiB for "
           f"{size['claimed_quantized_bytes'] / 2**20:.2f} MiB claimed by the bits)")
-    if args.export_gptq:
-        from .checkpoint import load_checkpoint
-        from .quant.export import export_gptq
 
-        path = export_gptq(load_checkpoint(args.output), args.export_gptq, args.overwrite)
-        print(f"standard GPTQ format written to {path}")
-    return 0
+
+def cmd_aqlm(args) -> int:
+    from .quant.aqlm import AQLMSetting
+    from .quant.aqlm_pass import AQLMPass
+    from .quant.export import export_aqlm
+
+    plan = _quantizer_plan(args, "aqlm")
+    aqlm = AQLMPass(AQLMSetting.parse(args.codebooks, args.in_group_size),
+                    plan=plan.modules if plan else None,
+                    plan_id=plan.fingerprint() if plan else None, beam_size=args.beam_size,
+                    max_rounds=args.max_rounds, steps_per_round=args.steps_per_round,
+                    lr=args.lr, tolerance=args.tolerance,
+                    kmeans_iterations=args.kmeans_iterations,
+                    kmeans_max_points=args.kmeans_max_points,
+                    true_sequential=args.true_sequential, finetune_steps=args.finetune_steps,
+                    finetune_lr=args.finetune_lr, seed=args.init_seed)
+    return _run_quantizer(args, "aqlm", aqlm, plan, args.export_aqlm, export_aqlm)
 
 
 def _eval_ppl(loaded, dataset, split, seqlen, max_windows, device, text_field="text"):
@@ -470,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", default=None,
                    help="JSON file {module name: rank} overriding the rank of given modules; a "
                         "rank that saves nothing keeps the module dense")
+    p.add_argument("--rank-multiple", type=_positive, default=1,
+                   help="round each rank from --compression down to a multiple of this, e.g. 8 "
+                        "so that AQLM's groups of 8 inputs divide the up factor (default: 1)")
     p.add_argument("--layers", default=None,
                    help="only these decoder layers, e.g. 0,1 or 0-15 (default: all)")
     p.add_argument("--propagate", choices=["transformed", "original"], default="transformed",
@@ -498,7 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average bits per original dense weight, everything stored counted "
                         "(2-bit group-128 GPTQ with fp16 scale and zero is 2.25), or BITS@GROUP, "
                         "e.g. 2@128: exactly what uniform GPTQ at that setting stores on the "
-                        "original dense model (group indices and short last groups included)")
+                        "original dense model (group indices and short last groups included), "
+                        "or an AQLM setting, e.g. 2x8: what uniform AQLM 2x8 stores on it "
+                        "(codebooks and scales included)")
     p.add_argument("--bits", default="2,3,4",
                    help="widths a layer may get, comma-separated, each 2-8 (default: 2,3,4; "
                         "the paper's code used 2,3)")
@@ -518,6 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--static-groups; default: on)")
     p.add_argument("--static-groups", action="store_true",
                    help="the GPTQ run will use static groups (no group indices to store)")
+    p.add_argument("--quantizer", choices=["gptq", "aqlm"], default="gptq",
+                   help="the stage-3 quantizer the plan is for; it decides what each width "
+                        "stores and costs (default: gptq)")
+    p.add_argument("--codebooks", default=DEFAULT_AQLM_CODEBOOKS_TEXT,
+                   help="with --quantizer aqlm: the AQLM setting of each width, WIDTH=MxB[gG] "
+                        "comma-separated; costs count int8/int16 codes, fp16 codebooks and "
+                        f"scales (default: {DEFAULT_AQLM_CODEBOOKS_TEXT}, 2x8 and 2x12 as the "
+                        "paper's code)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     _add_calibration_args(p, nsamples=128, seqlen=2048)
     p.set_defaults(func=cmd_allocate)
@@ -563,6 +630,71 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an output directory that holds something else")
     _add_calibration_args(p, nsamples=128, seqlen=2048)
     p.set_defaults(func=cmd_gptq)
+
+    p = sub.add_parser("aqlm", help="stage 3: AQLM quantization (uniform, or per module from a "
+                                    "plan)",
+                       description="Quantize every linear of the language model's decoder layers "
+                                   "(low-rank factors included) with additive quantization "
+                                   "(AQLM), layer by layer: residual k-means initialisation, "
+                                   "then rounds of Adam on codebooks and scales and a beam "
+                                   "search over the codes, until a round improves the layer "
+                                   "output error by less than --tolerance. Without --plan every "
+                                   "module gets --codebooks (the baseline); with --plan each gets "
+                                   "the plan's setting (CASP_AQLM). The checkpoint stores codes, "
+                                   "codebooks and scales in the aqlm package's layout and runs "
+                                   "through its kernels.")
+    _add_model_args(p)
+    p.add_argument("--output", required=True,
+                   help="checkpoint directory to write (atomically; an interrupted run resumes "
+                        "from its last finished layer)")
+    p.add_argument("--plan", default=None,
+                   help="bit plan from casp allocate --quantizer aqlm (per-module codebooks)")
+    p.add_argument("--codebooks", default="2x8",
+                   help="setting of modules the plan does not name: M codebooks of 2^B entries, "
+                        "MxB (2x8: 2 bits, the fast-kernel setting; 1x16: AQLM's best 2-bit; "
+                        "2x12: 3 bits) (default: 2x8)")
+    p.add_argument("--in-group-size", type=_positive, default=8,
+                   help="consecutive input weights coded together (default: 8)")
+    p.add_argument("--beam-size", type=_positive, default=1,
+                   help="hypotheses per row in the code search; 1 = greedy (default: 1)")
+    p.add_argument("--max-rounds", type=int, default=100,
+                   help="at most this many rounds of codebook updates + code search (default: "
+                        "100; the tolerance usually stops earlier)")
+    p.add_argument("--steps-per-round", type=int, default=100,
+                   help="Adam steps on codebooks and scales per round (default: 100)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="Adam learning rate, betas (0, 0.95) (default: 1e-4)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="stop when a round lowers the relative error by less than this "
+                        "fraction (default: 0.01)")
+    p.add_argument("--kmeans-iterations", type=int, default=20,
+                   help="Lloyd iterations of each codebook's k-means initialisation (default: 20)")
+    p.add_argument("--kmeans-max-points", type=int, default=256,
+                   help="k-means fits at most this many weight groups per codebook entry "
+                        "(0 = all; default: 256)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="take each group of linears' Hessian after quantizing the groups "
+                        "before it in the layer (default: on)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="passes over the calibration batches fine-tuning each finished layer's "
+                        "codebooks and scales to the original layer's outputs (default: 0 = off, "
+                        "as the paper)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4,
+                   help="Adam learning rate of the layer fine-tuning (default: 1e-4)")
+    p.add_argument("--init-seed", type=int, default=0,
+                   help="seed of the k-means initialisation (default: 0)")
+    p.add_argument("--layers", default=None,
+                   help="only these decoder layers, e.g. 0-3 (default: all)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between layers")
+    p.add_argument("--export-aqlm", default=None,
+                   help="also write the standard HF AQLM format (stock transformers + aqlm "
+                        "load it) to this directory; needs one global setting and no low-rank "
+                        "modules")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output directory that holds something else")
+    _add_calibration_args(p, nsamples=128, seqlen=2048)
+    p.set_defaults(func=cmd_aqlm)
 
     p = sub.add_parser("ppl", help="perplexity of a model on one or more corpora",
                        description="Perplexity: the evaluation text is concatenated and cut into "

@@ -161,13 +161,19 @@ class LowRankPass(LayerPass):
             (e.g. {"model.layers.3.self_attn.q_proj": 96}); a rank that would not save
             parameters keeps the module dense.
         targets: module names relative to a layer (default: the spec's W_q and W_k).
+        rank_multiple: round ranks from ``compression`` down to a multiple of this (at least
+            one multiple), so that quantizers with input groups (AQLM's 8) can code the
+            ``up`` factor, whose input is the rank.
     """
 
     name = "lowrank"
 
     def __init__(self, compression: float = 0.75, method: str = "whitened",
                  ranks: dict[str, int] | None = None, targets: tuple[str, ...] | None = None,
-                 propagate: str = "transformed"):
+                 propagate: str = "transformed", rank_multiple: int = 1):
+        if rank_multiple < 1:
+            raise CaspError(f"rank multiple {rank_multiple} must be at least 1")
+        self.rank_multiple = rank_multiple
         self.compression = compression
         self.method = method
         self.ranks = dict(ranks or {})
@@ -177,12 +183,16 @@ class LowRankPass(LayerPass):
     def settings(self) -> dict:
         return {"compression": self.compression, "method": self.method, "ranks": self.ranks,
                 "targets": list(self.targets) if self.targets else None,
-                "propagate": self.propagate}
+                "propagate": self.propagate,
+                # only when set, so fingerprints of earlier runs stay valid
+                **({"rank_multiple": self.rank_multiple} if self.rank_multiple != 1 else {})}
 
     def rank_for(self, full_name: str, out_features: int, in_features: int) -> int:
         if full_name in self.ranks:
             return int(self.ranks[full_name])
-        return rank_for_compression(out_features, in_features, self.compression)
+        rank = rank_for_compression(out_features, in_features, self.compression)
+        m = self.rank_multiple
+        return max(m, rank // m * m)
 
     def process(self, ctx: LayerContext) -> None:
         targets = self.targets or ctx.spec.lowrank_targets

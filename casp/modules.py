@@ -15,7 +15,7 @@ from .errors import CaspError
 
 MODULE_TYPES: dict[str, type] = {}
 # Modules that define the built-in types (imported on first use, to keep imports acyclic).
-BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.qlinear")
+BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.qlinear", "casp.quant.aqlm_linear")
 
 
 def register_module_type(cls):

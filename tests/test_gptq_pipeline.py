@@ -11,7 +11,7 @@ from casp.cli import main
 from casp.quant.export import dequantize_gptq_tensors, export_gptq
 from casp.quant.gptq_pass import GPTQPass
 from casp.quant.qlinear import GPTQLinear
-from tiny import VOCAB, save_tiny
+from tiny import VOCAB, check_resume, save_tiny
 
 CALIB = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4"]
 
@@ -161,27 +161,4 @@ def test_interrupted_gptq_resumes_from_the_last_finished_layer(casp_gptq, calib_
     src = casp_gptq["llama"][0]
     argv = ["gptq", "--model", src, "--output", tmp_path / "q", "--bits", "3", "--group-size",
             "32", "--dataset", calib_txt, *CALIB]
-    original = GPTQPass.process
-    seen = []
-
-    def crash_on_layer_2(self, ctx):
-        if ctx.index == 2:
-            raise KeyboardInterrupt
-        seen.append(ctx.index)
-        return original(self, ctx)
-
-    monkeypatch.setattr(GPTQPass, "process", crash_on_layer_2)
-    assert run(*argv) == 130
-    assert seen == [0, 1] and not (tmp_path / "q").exists()
-    monkeypatch.setattr(GPTQPass, "process",
-                        lambda self, ctx: (seen.append(ctx.index), original(self, ctx)))
-    assert run(*argv) == 0
-    assert seen == [0, 1, 2]           # layers 0 and 1 were restored, not quantized again
-    resumed = load_checkpoint(tmp_path / "q")
-    monkeypatch.setattr(GPTQPass, "process", original)
-    assert run(*argv[:4], tmp_path / "q2", *argv[5:]) == 0
-    fresh = load_checkpoint(tmp_path / "q2")
-    a, b = resumed.model.state_dict(), fresh.model.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    check_resume(run, GPTQPass, argv, 4, tmp_path, monkeypatch)

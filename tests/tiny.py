@@ -116,3 +116,37 @@ def write_text(path: Path, words: int = 20000, seed: int = 0) -> Path:
         paragraphs.append(" ".join(rng.choice(WORDS) for _ in range(100)))
     path.write_text("\n\n".join(paragraphs))
     return path
+
+
+def check_resume(run, pass_cls, argv: list, output_index: int, tmp_path, monkeypatch) -> None:
+    """Kill a run of ``argv`` (``argv[output_index]`` its output) at layer 2: nothing is
+    written; the rerun restores layers 0 and 1 and ends equal to an uninterrupted run."""
+    from casp.checkpoint import load_checkpoint
+
+    output = Path(argv[output_index])
+    original = pass_cls.process
+    seen = []
+
+    def crash_on_layer_2(self, ctx):
+        if ctx.index == 2:
+            raise KeyboardInterrupt
+        seen.append(ctx.index)
+        return original(self, ctx)
+
+    monkeypatch.setattr(pass_cls, "process", crash_on_layer_2)
+    assert run(*argv) == 130
+    assert seen == [0, 1] and not output.exists()
+    monkeypatch.setattr(pass_cls, "process",
+                        lambda self, ctx: (seen.append(ctx.index), original(self, ctx)))
+    assert run(*argv) == 0
+    assert seen == [0, 1, 2]           # layers 0 and 1 were restored, not processed again
+    resumed = load_checkpoint(output)
+    monkeypatch.setattr(pass_cls, "process", original)
+    fresh_argv = list(argv)
+    fresh_argv[output_index] = tmp_path / "uninterrupted"
+    assert run(*fresh_argv) == 0
+    fresh = load_checkpoint(tmp_path / "uninterrupted")
+    a, b = resumed.model.state_dict(), fresh.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -4,6 +4,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
   --model "$MODEL" \
   --output "$OUTPUT" \
   --compression "$COMPRESSION" \
+  --rank-multiple "${RANK_MULTIPLE:-8}" \
   --dataset "$DATASET" \
   --nsamples "$NSAMPLES" \
   --seqlen "$SEQLEN" \

@@ -6,6 +6,7 @@ set -euo pipefail
 MODEL=${MODEL:-meta-llama/Llama-2-7b-hf}
 OUTPUT=${OUTPUT:-checkpoints/llama-2-7b-svd}
 COMPRESSION=${COMPRESSION:-0.75}
+RANK_MULTIPLE=${RANK_MULTIPLE:-8}   # ranks multiple of 8: AQLM's input groups divide them
 DATASET=${DATASET:-redpajama}
 NSAMPLES=${NSAMPLES:-256}
 SEQLEN=${SEQLEN:-4096}

@@ -8,6 +8,7 @@ set -euo pipefail
 MODEL=${MODEL:-llava-hf/llava-1.5-7b-hf}
 OUTPUT=${OUTPUT:-checkpoints/llava-1.5-7b-svd}
 COMPRESSION=${COMPRESSION:-0.75}    # 75% of W_q/W_k parameters removed (rank 512 at 4096)
+RANK_MULTIPLE=${RANK_MULTIPLE:-8}   # ranks multiple of 8: AQLM's input groups divide them
 DATASET=${DATASET:-redpajama}       # the paper calibrates LLaVA with RedPajama text
 NSAMPLES=${NSAMPLES:-256}
 SEQLEN=${SEQLEN:-2048}

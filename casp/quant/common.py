@@ -49,6 +49,32 @@ def quantizable_linears(model: nn.Module, spec: ModelSpec) -> dict[str, nn.Linea
     return result
 
 
+def quantize_in_order(ctx, groups: list[list[str]], true_sequential: bool, quantize) -> None:
+    """Call ``quantize(ctx, name, gram)`` for every linear of ``groups`` in order. With
+    ``true_sequential`` each group's input Gram matrices are taken after the groups before
+    it were quantized (they see the quantized modules' outputs); otherwise all come from one
+    forward pass of the layer as it was."""
+    if not true_sequential:
+        grams = ctx.input_grams([n for g in groups for n in g])
+    for group in groups:
+        if true_sequential:
+            grams = ctx.input_grams(group)
+        for name in group:
+            quantize(ctx, name, grams[name])
+
+
+def described_stored_bits(d: dict) -> int | None:
+    """Stored bits of a quantized module from its checkpoint description (None: the
+    module is not a quantized one)."""
+    if d.get("type") == "gptq":
+        from .gptq import described_bits
+        return described_bits(d)
+    if d.get("type") == "aqlm":
+        from .aqlm import described_bits
+        return described_bits(d)
+    return None
+
+
 def is_factor(name: str) -> bool:
     """Whether a quantizable module name is a low-rank factor."""
     return name.endswith(".down") or name.endswith(".up")

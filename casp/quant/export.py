@@ -1,4 +1,6 @@
-"""Export to the standard GPTQ checkpoint format that transformers (through its GPTQ
+"""Export to the standard GPTQ and HF AQLM checkpoint formats.
+
+GPTQ: the standard GPTQ checkpoint format that transformers (through its GPTQ
 integration) and vLLM load, for models with no low-rank modules and one global setting.
 
 Per quantized linear ``<name>``:
@@ -37,11 +39,7 @@ def export_gptq(loaded: LoadedModel, output: str | Path, overwrite: bool = False
                 checkpoint_format: str = "gptq") -> Path:
     if checkpoint_format not in FORMATS:
         raise CaspError(f"unknown GPTQ checkpoint format {checkpoint_format!r}; use one of {FORMATS}")
-    modules = loaded.casp.get("modules", {}) if loaded.casp else {}
-    kinds = {d["type"] for d in modules.values()}
-    if "lowrank" in kinds:
-        raise CaspError("the standard GPTQ format cannot hold low-rank modules; keep the casp "
-                        "checkpoint (casp.load_model reads it)")
+    _refuse_lowrank(loaded, "GPTQ")
     quantized = {n: m for n, m in loaded.model.named_modules() if isinstance(m, GPTQLinear)}
     if not quantized:
         raise CaspError("the model has no GPTQ-quantized modules to export")
@@ -54,11 +52,61 @@ def export_gptq(loaded: LoadedModel, output: str | Path, overwrite: bool = False
     if bits not in GPTQ_INT32_WIDTHS:
         raise CaspError(f"the standard GPTQ format is exported for {GPTQ_INT32_WIDTHS} bits, not "
                         f"{bits}; keep the casp checkpoint")
+    desc_act = any(m.g_idx is not None for m in quantized.values())
+
+    def convert(state: dict) -> None:
+        for name, module in quantized.items():
+            key = _stored_key(state, name, "qweight")
+            for suffix in ("qweight", "scales", "zeros", "g_idx"):
+                state.pop(f"{key}.{suffix}", None)
+            state.update({f"{key}.{k}": v for k, v in
+                          gptq_tensors(module, checkpoint_format).items()})
+
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+              "desc_act": desc_act, "sym": False, "true_sequential": True,
+              "checkpoint_format": checkpoint_format, "pack_dtype": "int32"}
+    return _write_standard(loaded, output, overwrite, convert, config)
+
+
+def export_aqlm(loaded: LoadedModel, output: str | Path, overwrite: bool = False) -> Path:
+    """The HF AQLM format: the casp tensors already have the aqlm layout (codes, codebooks,
+    scales per quantized linear); config.json gets ``quantization_config`` {quant_method:
+    "aqlm", in_group_size, out_group_size, num_codebooks, nbits_per_codebook,
+    linear_weights_not_to_quantize (every other linear, by module name and by weight name,
+    the forms transformers 5 and 4 match)}."""
+    from .aqlm_linear import AQLMLinear
+
+    _refuse_lowrank(loaded, "AQLM")
+    quantized = {n: m for n, m in loaded.model.named_modules() if isinstance(m, AQLMLinear)}
+    if not quantized:
+        raise CaspError("the model has no AQLM-quantized modules to export")
+    settings = {(m.num_codebooks, m.nbits_per_codebook, m.in_group_size)
+                for m in quantized.values()}
+    if len(settings) != 1:
+        raise CaspError("the HF AQLM format holds one global setting; this model mixes "
+                        f"{sorted(settings)}: keep the casp checkpoint")
+    m, b, g = settings.pop()
+    keep = [n for n, mod in loaded.model.named_modules() if isinstance(mod, torch.nn.Linear)]
+    config = {"quant_method": "aqlm", "in_group_size": g, "out_group_size": 1,
+              "num_codebooks": m, "nbits_per_codebook": b,
+              "linear_weights_not_to_quantize": [x for n in keep for x in (n, f"{n}.weight")]}
+    return _write_standard(loaded, output, overwrite, lambda state: None, config)
+
+
+def _refuse_lowrank(loaded: LoadedModel, fmt: str) -> None:
+    modules = loaded.casp.get("modules", {}) if loaded.casp else {}
+    if any(d["type"] == "lowrank" for d in modules.values()):
+        raise CaspError(f"the standard {fmt} format cannot hold low-rank modules; keep the casp "
+                        "checkpoint (casp.load_model reads it)")
+
+
+def _write_standard(loaded: LoadedModel, output: str | Path, overwrite: bool, convert,
+                    quantization_config: dict) -> Path:
+    """save_pretrained, then ``convert(state)`` rewrites the quantized tensors in place, and
+    config.json gets ``quantization_config`` instead of the casp section; atomic."""
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CaspError(f"{out} is not empty; choose another directory or pass --overwrite")
-    desc_act = any(m.g_idx is not None for m in quantized.values())
-
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -69,20 +117,12 @@ def export_gptq(loaded: LoadedModel, output: str | Path, overwrite: bool = False
             file.unlink()
         for index in tmp.glob("*.safetensors.index.json"):
             index.unlink()
-        for name, module in quantized.items():
-            key = _stored_key(state, name)
-            for suffix in ("qweight", "scales", "zeros", "g_idx"):
-                state.pop(f"{key}.{suffix}", None)
-            state.update({f"{key}.{k}": v for k, v in
-                          gptq_tensors(module, checkpoint_format).items()})
+        convert(state)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("casp", None)
-        cfg["quantization_config"] = {
-            "quant_method": "gptq", "bits": bits, "group_size": group_size,
-            "desc_act": desc_act, "sym": False, "true_sequential": True,
-            "checkpoint_format": checkpoint_format, "pack_dtype": "int32"}
+        cfg["quantization_config"] = quantization_config
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for pre in loaded.preprocessors():
             pre.save_pretrained(tmp)
@@ -94,14 +134,14 @@ def export_gptq(loaded: LoadedModel, output: str | Path, overwrite: bool = False
     return out
 
 
-def _stored_key(state: dict, module_name: str) -> str:
+def _stored_key(state: dict, module_name: str, tensor: str) -> str:
     """The key prefix transformers used for ``module_name`` (LLaVA saves legacy keys)."""
-    if f"{module_name}.qweight" in state:
+    if f"{module_name}.{tensor}" in state:
         return module_name
     tail = module_name.split(".layers.", 1)[-1]
     for key in state:
-        if key.endswith(f".layers.{tail}.qweight"):
-            return key[: -len(".qweight")]
+        if key.endswith(f".layers.{tail}.{tensor}"):
+            return key[: -len(f".{tensor}")]
     raise CaspError(f"cannot find the stored tensors of {module_name}")
 
 

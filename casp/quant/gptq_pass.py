@@ -10,7 +10,7 @@ import torch
 
 from ..errors import CaspError
 from ..layerwise import LayerContext, LayerPass
-from .common import layer_quantization_groups
+from .common import layer_quantization_groups, quantize_in_order
 from .gptq import check_bits, gptq_quantize, weighted_error
 from .qlinear import GPTQLinear
 
@@ -54,13 +54,7 @@ class GPTQPass(LayerPass):
 
     def process(self, ctx: LayerContext) -> None:
         groups = layer_quantization_groups(ctx.layer, ctx.spec)
-        if not self.true_sequential:
-            grams = ctx.input_grams([n for g in groups for n in g])
-        for group in groups:
-            if self.true_sequential:
-                grams = ctx.input_grams(group)
-            for name in group:
-                self._quantize(ctx, name, grams[name])
+        quantize_in_order(ctx, groups, self.true_sequential, self._quantize)
 
     def _quantize(self, ctx: LayerContext, name: str, gram) -> None:
         full = ctx.full_name(name)

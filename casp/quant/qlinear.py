@@ -92,10 +92,12 @@ class GPTQLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):
+        scales, zeros = self.scales, self.zeros
         super()._apply(fn, recurse)
-        # .to(dtype) / .half() must not change what is stored: scales and zeros stay fp16
-        self.scales = self.scales.to(torch.float16)
-        self.zeros = self.zeros.to(torch.float16)
+        # .to(dtype) / .half() must not change what is stored (a bf16 round trip would):
+        # scales and zeros stay the fp16 originals, only the device follows
+        self.scales = scales.to(self.scales.device)
+        self.zeros = zeros.to(self.zeros.device)
         self._cached = None
         return self
 

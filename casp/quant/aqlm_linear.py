@@ -1,0 +1,205 @@
+"""The AQLM-quantized linear as stored by casp, run by the ``aqlm`` package's kernels.
+
+Storage (buffers, saved in the checkpoint) is exactly the layout of ``aqlm.QuantizedLinear``
+(out_group_size 1):
+    codes      int8 / int16 [out, in / in_group_size, num_codebooks]  (two's complement)
+    codebooks  float16 [num_codebooks, 2^nbits, 1, in_group_size]
+    scales     float16 [out, 1, 1, 1]
+    bias       (if the original had one)
+The forward pass hands these tensors to an ``aqlm.QuantizedLinear`` (its CPU numba kernel
+for 8-bit codebooks, its CUDA/Triton kernels on GPU, its dequantizing matmul otherwise),
+in float32 on the CPU (the numba kernel's requirement) and in the input's dtype on GPU.
+``cache_weight()`` instead keeps the dequantized weight for repeated forwards (the
+quantization passes use it for the rest of a layer).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CaspError
+from ..modules import register_module_type
+from .aqlm import (AQLMResult, AQLMSetting, dequantize, described_bits, from_storage_codes,
+                   to_storage_codes)
+
+
+@contextlib.contextmanager
+def serial_numba(enabled: bool = True):
+    """Run the aqlm CPU kernel on one numba thread. aqlm 1.1.7's numba kernel parallelises
+    over input groups while every group adds into the same output entries (a data race):
+    with two or more threads its results are wrong (measured here: errors of order 10 on
+    outputs of order 10, exact with one thread)."""
+    if not enabled:
+        yield
+        return
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _aqlm_quantized_linear():
+    try:
+        from aqlm import QuantizedLinear
+    except ImportError as exc:                       # pragma: no cover - a declared dependency
+        raise CaspError(f"running AQLM modules needs the aqlm package ({exc}); install it with "
+                        "pip install 'aqlm[cpu]' (add gpu on CUDA machines)")
+    return QuantizedLinear
+
+
+@register_module_type
+class AQLMLinear(nn.Module):
+    type_name = "aqlm"
+
+    def __init__(self, in_features: int, out_features: int, num_codebooks: int,
+                 nbits_per_codebook: int, in_group_size: int = 8, bias: bool = False,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.setting = AQLMSetting(num_codebooks, nbits_per_codebook, in_group_size)
+        self.setting.check(out_features, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_codebooks, self.nbits_per_codebook = num_codebooks, nbits_per_codebook
+        self.in_group_size, self.out_group_size = in_group_size, 1
+        code_dtype = torch.int8 if nbits_per_codebook <= 8 else torch.int16
+        self.register_buffer("codes", torch.zeros(out_features, in_features // in_group_size,
+                                                  num_codebooks, dtype=code_dtype, device=device))
+        self.register_buffer("codebooks", torch.zeros(num_codebooks, 2 ** nbits_per_codebook, 1,
+                                                      in_group_size, dtype=torch.float16,
+                                                      device=device))
+        self.register_buffer("scales", torch.zeros(out_features, 1, 1, 1, dtype=torch.float16,
+                                                   device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        self._cached: torch.Tensor | None = None
+        self._runner: nn.Module | None = None
+        self._train: list[nn.Parameter] | None = None
+
+    @classmethod
+    def from_result(cls, result: AQLMResult, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> "AQLMLinear":
+        s = result.setting
+        out_f = result.codes.shape[0]
+        in_f = result.codes.shape[1] * s.in_group_size
+        module = cls(in_f, out_f, s.num_codebooks, s.nbits, s.in_group_size,
+                     bias=bias is not None, dtype=dtype, device=result.codes.device)
+        with torch.no_grad():
+            module.codes.copy_(to_storage_codes(result.codes, s.nbits))
+            module.codebooks.copy_(result.codebooks.unsqueeze(2).half())
+            module.scales.copy_(result.scales.reshape(-1, 1, 1, 1).half())
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def code_indices(self) -> torch.Tensor:
+        """Codes as 0..2^B-1, int64 [out, groups, M]."""
+        return from_storage_codes(self.codes, self.nbits_per_codebook)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this module computes with, float32 [out, in]."""
+        if self._cached is not None:
+            return self._cached.float()
+        return dequantize(self.code_indices(), self.codebooks.float().squeeze(2),
+                          self.scales.float())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized_weight()
+
+    def cache_weight(self, enabled: bool = True) -> None:
+        """Keep the dequantized weight in memory (faster repeated forwards, more memory)."""
+        self._cached = self.dequantized_weight() if enabled else None
+
+    def kernel_module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """An ``aqlm.QuantizedLinear`` holding this module's tensors (cached)."""
+        runner = self._runner
+        if runner is None or runner.codebooks.device != device or runner.codebooks.dtype != dtype:
+            cls = _aqlm_quantized_linear()
+            runner = cls(self.in_features, self.out_features, self.in_group_size, 1,
+                         self.num_codebooks, self.nbits_per_codebook,
+                         bias=self.bias is not None, device=device, dtype=dtype)
+            with torch.no_grad():
+                # the CPU kernel re-lays out its own copy of the codes on first use
+                runner.codes.data = self.codes.detach().clone().to(device)
+                runner.codebooks.data = self.codebooks.detach().to(device, dtype)
+                runner.scales.data = self.scales.detach().to(device, dtype)
+                if self.bias is not None:
+                    runner.bias.data = self.bias.detach().to(device, dtype)
+            # kept out of the module tree: not a submodule, not in the state dict
+            object.__setattr__(self, "_runner", runner)
+        return runner
+
+    def begin_training(self) -> list[nn.Parameter]:
+        """Float32 trainable copies of the codebooks and scales (codes fixed); the forward
+        pass decodes through them, differentiably, until :meth:`end_training`."""
+        self._train = [nn.Parameter(self.codebooks.float().squeeze(2).clone()),
+                       nn.Parameter(self.scales.float().reshape(-1).clone())]
+        return self._train
+
+    def end_training(self, keep: bool = True) -> None:
+        """Store the trained codebooks and scales (rounded to fp16), or drop them."""
+        books, scales = self._train
+        self._train = None
+        if keep:
+            with torch.no_grad():
+                self.codebooks.copy_(books.detach().unsqueeze(2).half())
+                self.scales.copy_(scales.detach().reshape(-1, 1, 1, 1).half())
+        self._runner = None
+        if self._cached is not None:
+            self._cached = None
+            self.cache_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_train", None) is not None:
+            books, scales = self._train
+            w = dequantize(self.code_indices(), books, scales)
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.linear(x, w.to(x.dtype), bias)
+        if self._cached is not None:
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.linear(x, self._cached.to(x.dtype), bias)
+        run_dtype = torch.float32 if x.device.type == "cpu" else x.dtype
+        runner = self.kernel_module(x.device, run_dtype)
+        with serial_numba(x.device.type == "cpu" and self.nbits_per_codebook == 8):
+            return runner(x.to(run_dtype).contiguous()).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        books, scales = self.codebooks, self.scales
+        super()._apply(fn, recurse)
+        # .to(dtype) / .half() must not change what is stored: only the device follows
+        self.codebooks = books.to(self.codebooks.device)
+        self.scales = scales.to(self.scales.device)
+        self._cached = None
+        self._runner = None
+        return self
+
+    def storage_bits(self) -> int:
+        return described_bits(self.describe())
+
+    def describe(self) -> dict:
+        return {"type": self.type_name, "in_features": self.in_features,
+                "out_features": self.out_features, "num_codebooks": self.num_codebooks,
+                "nbits_per_codebook": self.nbits_per_codebook,
+                "in_group_size": self.in_group_size, "out_group_size": 1,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_description(cls, d: dict, dtype: torch.dtype | None = None) -> "AQLMLinear":
+        if d.get("out_group_size", 1) != 1:
+            raise CaspError("this checkpoint has AQLM out_group_size "
+                            f"{d['out_group_size']}; casp runs out_group_size 1 only")
+        return cls(d["in_features"], d["out_features"], d["num_codebooks"],
+                   d["nbits_per_codebook"], d["in_group_size"], bias=d.get("bias", False),
+                   dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"setting={self.setting.name}, group={self.in_group_size}")

@@ -1,0 +1,159 @@
+"""AQLM as a pass of the layer-wise engine: every linear with the codebook setting the plan
+gives it (or one global setting), in true-sequential order, each Hessian from inputs that
+already went through the quantized modules before it; optionally the finished layer's
+codebooks and scales are fine-tuned against the original layer's outputs."""
+from __future__ import annotations
+
+import logging
+import zlib
+
+import torch
+
+from ..errors import CaspError
+from ..layerwise import LayerContext, LayerPass, _to
+from .aqlm import AQLMSetting, aqlm_quantize
+from .aqlm_linear import AQLMLinear
+from .common import layer_quantization_groups, quantize_in_order
+
+log = logging.getLogger("casp")
+
+
+class AQLMPass(LayerPass):
+    """Args:
+        setting: the codebook setting of every module the plan does not name.
+        plan: {full module name: {"codebooks": "2x8", "group_size": 8, ...}} (a bit plan
+            made with ``casp allocate --quantizer aqlm``).
+        plan_id: a short fingerprint of the plan, recorded in the checkpoint settings.
+        beam_size, max_rounds, steps_per_round, lr, tolerance, kmeans_iterations,
+        kmeans_max_points: see
+            :func:`casp.quant.aqlm.aqlm_quantize`.
+        true_sequential: take each group's Hessian after quantizing the groups before it.
+        finetune_steps, finetune_lr: Adam steps over the calibration batches fitting the
+            quantized layer's codebooks and scales to the original layer's outputs
+            (0: off, the paper's default).
+        seed: k-means seed (each module mixes in its name).
+    """
+
+    name = "aqlm"
+
+    def __init__(self, setting: AQLMSetting | str = "2x8", plan: dict[str, dict] | None = None,
+                 plan_id: str | None = None, beam_size: int = 1, max_rounds: int = 100,
+                 steps_per_round: int = 100, lr: float = 1e-4, tolerance: float = 0.01,
+                 kmeans_iterations: int = 20, kmeans_max_points: int = 256,
+                 true_sequential: bool = True,
+                 finetune_steps: int = 0, finetune_lr: float = 1e-4, seed: int = 0):
+        self.setting = AQLMSetting.parse(setting) if isinstance(setting, str) else setting
+        if beam_size < 1 or max_rounds < 0 or steps_per_round < 0 or finetune_steps < 0:
+            raise CaspError("beam size must be >= 1 and rounds/steps >= 0")
+        if not 0 <= tolerance < 1:
+            raise CaspError(f"relative tolerance {tolerance} is outside [0, 1); the usual value "
+                            "is 0.01")
+        self.plan = dict(plan or {})
+        self.plan_id = plan_id
+        self.beam_size, self.max_rounds, self.steps_per_round = beam_size, max_rounds, steps_per_round
+        self.lr, self.tolerance, self.kmeans_iterations = lr, tolerance, kmeans_iterations
+        self.kmeans_max_points = kmeans_max_points
+        self.true_sequential = true_sequential
+        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.seed = seed
+        for name, entry in self.plan.items():
+            if "codebooks" not in entry:
+                raise CaspError(f"the plan gives {name} no AQLM codebooks (it was made for "
+                                "GPTQ); make it with casp allocate --quantizer aqlm")
+
+    def settings(self) -> dict:
+        return {"setting": self.setting.name, "plan": self.plan_id, "beam_size": self.beam_size,
+                "max_rounds": self.max_rounds, "steps_per_round": self.steps_per_round,
+                "lr": self.lr, "tolerance": self.tolerance,
+                "kmeans_iterations": self.kmeans_iterations,
+                "kmeans_max_points": self.kmeans_max_points,
+                "true_sequential": self.true_sequential, "finetune_steps": self.finetune_steps,
+                "finetune_lr": self.finetune_lr, "seed": self.seed}
+
+    def module_setting(self, full_name: str) -> AQLMSetting:
+        entry = self.plan.get(full_name)
+        return AQLMSetting.from_plan_entry(entry) if entry else self.setting
+
+    def process(self, ctx: LayerContext) -> None:
+        groups = layer_quantization_groups(ctx.layer, ctx.spec)
+        for group in groups:                      # refuse bad shapes before any work
+            for name in group:
+                lin = ctx.module(name)
+                self.module_setting(ctx.full_name(name)).check(*lin.weight.shape,
+                                                               name=ctx.full_name(name))
+        targets = ctx.forward() if self.finetune_steps else None
+        quantize_in_order(ctx, groups, self.true_sequential, self._quantize)
+        if targets is not None:
+            self._finetune(ctx, [n for g in groups for n in g], targets)
+
+    def _quantize(self, ctx: LayerContext, name: str, gram) -> None:
+        full = ctx.full_name(name)
+        setting = self.module_setting(full)
+        linear = ctx.module(name)
+        hessian = (2 * gram.mean()).to(torch.float32)
+        result = aqlm_quantize(linear.weight.data, hessian, setting, beam_size=self.beam_size,
+                               max_rounds=self.max_rounds, steps_per_round=self.steps_per_round,
+                               lr=self.lr, tolerance=self.tolerance,
+                               kmeans_iterations=self.kmeans_iterations,
+                               kmeans_max_points=self.kmeans_max_points,
+                               seed=self.seed + zlib.crc32(full.encode()) % 100_000)
+        bias = linear.bias.data if linear.bias is not None else None
+        module = AQLMLinear.from_result(result, bias, linear.weight.dtype)
+        module.cache_weight()
+        ctx.replace(name, module)
+        ctx.changes[full]["relative_error"] = round(result.relative_error, 6)
+        ctx.changes[full]["rounds"] = result.rounds
+        log.debug("%s: AQLM %s, relative error %.4f after %d rounds", full, setting.name,
+                  result.relative_error, result.rounds)
+
+    def _finetune(self, ctx: LayerContext, names: list[str], targets: list[torch.Tensor]) -> None:
+        """Adam on the layer's codebooks and scales (codes fixed) against the original
+        layer's outputs, mean squared error over the calibration batches."""
+        modules = [ctx.module(n) for n in names]
+        frozen = [p for p in ctx.layer.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        params = [p for m in modules for p in m.begin_training()]
+        opt = torch.optim.Adam(params, lr=self.finetune_lr, betas=(0.9, 0.95))
+
+        def layer_error() -> float:
+            with torch.no_grad():
+                outs = ctx.forward()
+            return sum(float(((o - t) ** 2).mean()) for o, t in zip(outs, targets)) / len(outs)
+
+        before = layer_error()
+        kept = True
+        try:
+            for _ in range(self.finetune_steps):
+                for h, kw, target in zip(ctx.inputs.hidden, ctx.inputs.kwargs, targets):
+                    with torch.enable_grad():
+                        out = ctx.layer(h.to(ctx.device), **_to(kw, ctx.device))
+                        out = out[0] if isinstance(out, tuple) else out
+                        loss = torch.nn.functional.mse_loss(out.float(),
+                                                            target.to(ctx.device).float())
+                        opt.zero_grad()
+                        loss.backward()
+                    opt.step()
+            after = self._trained_error(modules, layer_error)
+            kept = after < before
+        finally:
+            for m in modules:
+                m.end_training(keep=kept)
+            for p in frozen:
+                p.requires_grad_(True)
+        if not kept:
+            after = before
+        log.info("layer %d fine-tuned: output MSE %.4g -> %.4g%s", ctx.index, before, after,
+                 "" if kept else " (no gain: kept the codebooks before fine-tuning)")
+        for n in names:
+            ctx.changes[ctx.full_name(n)]["finetune_mse"] = [before, after]
+
+    @staticmethod
+    def _trained_error(modules, layer_error) -> float:
+        """The layer's error with the trained values as they will be stored (fp16)."""
+        with torch.no_grad():
+            for m in modules:
+                books, scales = m._train
+                books.copy_(books.half().float())
+                scales.copy_(scales.half().float())
+        return layer_error()
