@@ -422,32 +422,61 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .allocation import ImportancePass, allocate, average_bits, plot_plan, uniform_average_bits
+    from .allocation import ImportancePass, allocate, average_bits, parse_codebook_map, plot_plan
     from .checkpoint import checkpoint_size, load_checkpoint, read_casp_section
     from .data.calibration import CalibrationConfig
     from .loading import load_pretrained, resolve_device
     from .lowrank import LowRankPass
     from .pipeline import run_stage
+    from .quant.aqlm_pass import AQLMPass
     from .quant.gptq_pass import GPTQPass
 
     device = resolve_device(args.device)
     root = Path(args.output)
     parts = {"gptq": root / "gptq-2bit", "lowrank": root / "lowrank", "casp": root / "casp-gptq"}
+    if args.aqlm:
+        parts.update({"aqlm": root / "aqlm-2x8", "lowrank8": root / "lowrank-m8",
+                      "casp_aqlm": root / "casp-aqlm"})
     for path in parts.values():
         if path.exists() and any(path.iterdir()) and read_casp_section(path) is None:
             raise CaspError(f"{path} holds files that are not a casp checkpoint; the demo "
                             "replaces its outputs, so choose another --output")
+    steps = 2 + 2 * bool(args.aqlm)
     print(f"casp demo on {DEMO_MODEL}: uniform GPTQ {args.bits}-bit group {args.group_size} "
           f"against CASP_GPTQ (whitened low-rank W_q/W_k {args.compression:.0%} + bit allocation "
-          f"+ GPTQ) at the same average bits; perplexity on the bundled Wikipedia text (test "
-          f"split, {args.max_windows} windows x {args.seqlen} tokens); calibration "
-          f"{args.nsamples} x {args.seqlen} tokens of its train split")
+          f"+ GPTQ) at the same average bits"
+          + (", and uniform AQLM 2x8 against CASP_AQLM at its average bits" if args.aqlm else "")
+          + f"; perplexity on the bundled Wikipedia text (test split, {args.max_windows} windows "
+          f"x {args.seqlen} tokens); calibration {args.nsamples} x {args.seqlen} tokens of its "
+          "train split")
     calib = CalibrationConfig(dataset="wiki", split="train", nsamples=args.nsamples,
                               seqlen=args.seqlen, seed=3)
 
-    def ppl_of(checkpoint):
-        return _eval_ppl(load_checkpoint(checkpoint, device=args.device), "wiki", "test",
-                         args.seqlen, args.max_windows, device)
+    def measure(name, checkpoint, seconds):
+        ppl = _eval_ppl(load_checkpoint(checkpoint, device=args.device), "wiki", "test",
+                        args.seqlen, args.max_windows, device).ppl
+        rows.append((name, average_bits(read_casp_section(checkpoint)), ppl,
+                     checkpoint_size(checkpoint)["total_bytes"], seconds))
+
+    def casp_run(name, label, plan_stem, lowrank_out, rank_multiple, budget, quantizer_pass,
+                 **allocation):
+        """low-rank, importance, a plan at ``budget``, then the quantizer with the plan."""
+        loaded = load_pretrained(DEMO_MODEL, device=args.device)
+        lowrank = run_stage(loaded, "lowrank", [LowRankPass(compression=args.compression,
+                                                            rank_multiple=rank_multiple)],
+                            calib, device, output=lowrank_out, overwrite=True)
+        importance = ImportancePass()
+        scored = run_stage(loaded, "importance", [importance], calib, device)
+        plan = allocate(loaded.model, loaded.spec, importance.scores, budget, **allocation)
+        plan.meta.update({"model": str(lowrank_out)})
+        plan.save(root / f"{plan_stem}.json")
+        plot_plan(plan, root / f"{plan_stem}.png")
+        print("bits per layer: " + " ".join(str(r["bits"]) for r in plan.layers))
+        layer_pass = quantizer_pass(plan=plan.modules, plan_id=plan.fingerprint())
+        quant = run_stage(loaded, layer_pass.name, [layer_pass], calib, device,
+                          output=parts[label], overwrite=True)
+        measure(name, parts[label],
+                lowrank.seconds + scored.seconds + quant.seconds)
 
     rows = []
     loaded = load_pretrained(DEMO_MODEL, device=args.device)
@@ -455,31 +484,26 @@ def cmd_demo(args) -> int:
     print(f"original: {fp.describe()}")
     rows.append(("original (fp32)", None, fp.ppl, None, None))
 
-    print(f"[1/2] GPTQ {args.bits}-bit group {args.group_size}, every linear")
+    print(f"[1/{steps}] GPTQ {args.bits}-bit group {args.group_size}, every linear")
     baseline = run_stage(loaded, "gptq", [GPTQPass(bits=args.bits, group_size=args.group_size)],
                          calib, device, output=parts["gptq"], overwrite=True)
-    budget = average_bits(read_casp_section(parts["gptq"]))
-    rows.append((f"GPTQ {args.bits}-bit g{args.group_size}", budget, ppl_of(parts["gptq"]).ppl,
-                 checkpoint_size(parts["gptq"])["total_bytes"], baseline.seconds))
-
-    print(f"[2/2] CASP_GPTQ at the same {budget:.4f} average bits")
-    loaded = load_pretrained(DEMO_MODEL, device=args.device)
-    lowrank = run_stage(loaded, "lowrank", [LowRankPass(compression=args.compression)], calib,
-                        device, output=parts["lowrank"], overwrite=True)
-    importance = ImportancePass()
-    scored = run_stage(loaded, "importance", [importance], calib, device)
-    plan = allocate(loaded.model, loaded.spec, importance.scores, budget, [2, 3, 4, 5],
-                    group_size=args.group_size, g_idx=True)
-    plan.meta.update({"model": str(parts["lowrank"]), "quantizer": "gptq", "act_order": True,
-                      "static_groups": False})
-    plan.save(root / "plan.json")
-    plot_plan(plan, root / "plan.png")
-    print("bits per layer: " + " ".join(str(r["bits"]) for r in plan.layers))
-    casp_run = run_stage(loaded, "gptq", [GPTQPass(plan=plan.modules, plan_id=plan.fingerprint())],
-                         calib, device, output=parts["casp"], overwrite=True)
-    rows.append(("CASP_GPTQ", average_bits(read_casp_section(parts["casp"])),
-                 ppl_of(parts["casp"]).ppl, checkpoint_size(parts["casp"])["total_bytes"],
-                 lowrank.seconds + scored.seconds + casp_run.seconds))
+    measure(f"GPTQ {args.bits}-bit g{args.group_size}", parts["gptq"], baseline.seconds)
+    budget = rows[-1][1]
+    print(f"[2/{steps}] CASP_GPTQ at the same {budget:.4f} average bits")
+    casp_run("CASP_GPTQ", "casp", "plan", parts["lowrank"], 1, budget, GPTQPass, allowed_bits=[2, 3, 4, 5],
+             group_size=args.group_size, g_idx=True)
+    if args.aqlm:
+        aqlm_pass = {"steps_per_round": args.aqlm_steps}
+        print(f"[3/{steps}] AQLM 2x8 (group 8), every linear")
+        loaded = load_pretrained(DEMO_MODEL, device=args.device)
+        aqlm = run_stage(loaded, "aqlm", [AQLMPass("2x8", **aqlm_pass)], calib, device,
+                         output=parts["aqlm"], overwrite=True)
+        measure("AQLM 2x8", parts["aqlm"], aqlm.seconds)
+        budget = rows[-1][1]
+        print(f"[4/{steps}] CASP_AQLM at the same {budget:.4f} average bits")
+        casp_run("CASP_AQLM", "casp_aqlm", "plan-aqlm", parts["lowrank8"], 8, budget,
+                 lambda **kw: AQLMPass("2x8", **aqlm_pass, **kw), allowed_bits=[2, 3, 4],
+                 factor_bits=None, codebooks=parse_codebook_map("2=2x8,3=3x8,4=4x8"))
 
     print()
     print(f"| method | average bits | PPL wiki (test, {args.max_windows}x{args.seqlen}) | "
@@ -491,9 +515,9 @@ def cmd_demo(args) -> int:
               f"{'-' if seconds is None else f'{seconds:.0f} s'} |")
     print()
     other = checkpoint_size(parts["casp"])["other_weights_bytes"]
-    print(f"Checkpoints, the plan (plan.json) and its plot (plan.png) are in {root}. Sizes include "
-          f"the weights no stage touches (fp32 embeddings tied with lm_head, norms): "
-          f"{other / 2**20:.1f} MiB.")
+    print(f"Checkpoints, the plans (plan*.json) and their plots (plan*.png) are in {root}. "
+          f"Sizes include the weights no stage touches (fp32 embeddings tied with lm_head, "
+          f"norms): {other / 2**20:.1f} MiB.")
     return 0
 
 
@@ -739,6 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per window, calibration and evaluation (default: 512)")
     p.add_argument("--max-windows", type=_positive, default=16,
                    help="evaluation windows (default: 16)")
+    p.add_argument("--aqlm", action="store_true",
+                   help="also run uniform AQLM 2x8 and CASP_AQLM at its average bits (low-rank "
+                        "ranks multiple of 8, widths 2x8/3x8/4x8, factors at their layer's "
+                        "width); slower: about half an hour more on 2 CPU cores")
+    p.add_argument("--aqlm-steps", type=_positive, default=25,
+                   help="with --aqlm: Adam steps per AQLM round (default: 25, for CPU time; "
+                        "casp aqlm's default is 100)")
     p.add_argument("--device", default="auto", help="compute device (default: auto)")
     p.set_defaults(func=cmd_demo)
 

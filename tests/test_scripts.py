@@ -87,3 +87,36 @@ def test_gptq_llava_scripts_pass_their_flags(tmp_path, calib_txt):
     gptq = stage["settings"]["passes"]["gptq"]
     assert (gptq["bits"], gptq["group_size"], gptq["static_groups"], gptq["damp"]) == (3, 32, True, 0.02)
     assert stage["settings"]["calibration"]["nsamples"] == 4
+
+
+def test_aqlm_end_to_end_script_on_a_tiny_llama(tmp_path, calib_txt):
+    src = save_tiny("llama", tmp_path / "base")
+    work = tmp_path / "work"
+    small = {"NSAMPLES": "4", "SEQLEN": "32", "DATASET": str(calib_txt)}
+    # 2x8 codebooks (65,536 bits each) would dwarf 64-wide matrices: 16-entry codebooks
+    env = {"BASE_MODEL": str(src), "NAME": "tiny", "WORK": str(work),
+           **{f"SVD_{k}": v for k, v in small.items()},
+           **{f"AQLM_{k}": v for k, v in small.items()},
+           "AQLM_CODEBOOKS": "2x4", "AQLM_IN_GROUP_SIZE": "4",
+           "AQLM_CODEBOOK_MAP": "2=2x4g4,3=3x4g4", "AQLM_MAX_ROUNDS": "2",
+           "AQLM_STEPS_PER_ROUND": "5", "EVAL_DATASETS": str(calib_txt), "EVAL_SPLIT": "all",
+           "EVAL_SEQLEN": "32", "EVAL_MAX_WINDOWS": "2"}
+    res = run_script("scripts/casp_aqlm_llama.sh", env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    casp_cfg = json.loads((work / "tiny-casp-aqlm" / "config.json").read_text())["casp"]
+    base_cfg = json.loads((work / "tiny-aqlm-2x8" / "config.json").read_text())["casp"]
+    assert [s["stage"] for s in casp_cfg["stages"]] == ["lowrank", "aqlm"]
+    assert casp_cfg["stages"][0]["settings"]["passes"]["lowrank"]["rank_multiple"] == 8
+    aqlm = casp_cfg["stages"][1]["settings"]["passes"]["aqlm"]
+    assert (aqlm["max_rounds"], aqlm["steps_per_round"], aqlm["tolerance"]) == (2, 5, 0.01)
+    plan = json.loads((work / "tiny-casp-aqlm.plan.json").read_text())
+    assert plan["quantizer"] == "aqlm" and plan["allowed_bits"] == [2, 3]
+    assert plan["codebooks"] == {"2": "2x4g4", "3": "3x4g4"}
+    factors = [m for n, m in plan["modules"].items() if n.endswith((".down", ".up"))]
+    assert factors and {m["codebooks"] for m in factors} == {"3x4"}      # 3-bit factors
+    from casp.allocation import average_bits
+
+    assert average_bits(casp_cfg) <= average_bits(base_cfg) + 1e-9
+    for name in ("base", "tiny-aqlm-2x8", "tiny-casp-aqlm"):
+        rows = json.loads((work / f"{name}-ppl.json").read_text())
+        assert rows[0]["windows"] == 2 and rows[0]["ppl"] > 1

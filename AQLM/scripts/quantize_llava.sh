@@ -15,7 +15,7 @@ CODEBOOK_MAP=${CODEBOOK_MAP:-2=2x8,3=2x12}          # what a 2- and a 3-bit laye
 ALLOWED_BITS=${ALLOWED_BITS:-2,3}                   # the widths the paper's code used
 FACTOR_BITS=${FACTOR_BITS:-3}                       # low-rank factors: 2x12 (the paper's code)
 IMPORTANCE=${IMPORTANCE:-block_influence}
-PLAN_BUDGET=${PLAN_BUDGET:-$CODEBOOKS}              # what uniform AQLM CODEBOOKS stores
+PLAN_BUDGET=${PLAN_BUDGET:-${CODEBOOKS}g$IN_GROUP_SIZE}  # what uniform AQLM CODEBOOKS stores
 BEAM_SIZE=${BEAM_SIZE:-1}
 MAX_ROUNDS=${MAX_ROUNDS:-100}
 STEPS_PER_ROUND=${STEPS_PER_ROUND:-100}             # Adam steps on codebooks per round
