@@ -64,6 +64,7 @@ def run(args) -> list[dict]:
                        **settings(args))
     rows += uniform_rows
     print(f"aqlm 2x8: {budget:.4f} bits", flush=True)
+    write(rows, args)
 
     lowrank = work / "lowrank75-m8"
     casp("lowrank", "--model", MODEL, "--output", lowrank, "--compression", 0.75,
@@ -83,7 +84,9 @@ def run(args) -> list[dict]:
             plan = work / f"plan-{method}.json"
             if not plan.is_file():
                 casp("allocate", "--quantizer", "aqlm", "--model", source, "--output", plan,
-                     "--budget", f"{budget:.6f}", "--bits", ALLOWED_BITS, "--codebooks",
+                     # the budget by name: exactly what uniform 2x8 stores (a rounded number
+                     # could fall a hair below it)
+                     "--budget", "2x8", "--bits", ALLOWED_BITS, "--codebooks",
                      CODEBOOK_MAP, "--factor-bits", 0, *calib_flags(args), log=log)
             plan_data = json.loads(plan.read_text())
             seconds += plan_data["importance"]["seconds"]
@@ -105,7 +108,15 @@ def run(args) -> list[dict]:
         rows += row(method, avg_bits_of(out), evaluate(out, work, args), seconds, peak_of(out),
                     out, args, **extra)
         print(f"{method}: {avg_bits_of(out):.4f} bits", flush=True)
+        write(rows, args)
     return rows
+
+
+def write(rows: list[dict], args) -> None:
+    """Results so far (each finished method), so that a long run reports as it goes."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "aqlm_quality.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / "aqlm_quality.md").write_text(table(rows, args))
 
 
 def table(rows: list[dict], args) -> str:
@@ -147,14 +158,14 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
-    p.add_argument("--steps-per-round", type=int, default=25,
-                   help="Adam steps per round (default 25 here, for CPU time; casp's default "
+    p.add_argument("--steps-per-round", type=int, default=10,
+                   help="Adam steps per round (default 10 here, for CPU time; casp's default "
                         "is 100)")
     p.add_argument("--beam-size", type=int, default=1, help="code search beam (default 1)")
-    p.add_argument("--max-rounds", type=int, default=15,
-                   help="round cap per module (default 15 here, for CPU time: most modules stop "
-                        "at the tolerance within 5-14 rounds, but a few down_proj with outlier "
-                        "inputs keep improving by more than 1% a round for 80+ rounds)")
+    p.add_argument("--max-rounds", type=int, default=8,
+                   help="round cap per module (default 8 here, for CPU time: modules stop at "
+                        "the tolerance within 5-14 rounds, but a few down_proj with outlier "
+                        "inputs keep improving by more than 1%% a round for 80+ rounds)")
     p.add_argument("--skip", nargs="*", default=[],
                    help="methods to leave out (casp_aqlm, alloc_only_aqlm, lowrank_only_aqlm)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "aqlm"),
@@ -162,9 +173,7 @@ def main() -> None:
     args = p.parse_args()
     start = time.perf_counter()
     rows = run(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "aqlm_quality.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "aqlm_quality.md").write_text(table(rows, args))
+    write(rows, args)
     print(table(rows, args))
     print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
 

@@ -493,7 +493,7 @@ def cmd_demo(args) -> int:
     casp_run("CASP_GPTQ", "casp", "plan", parts["lowrank"], 1, budget, GPTQPass, allowed_bits=[2, 3, 4, 5],
              group_size=args.group_size, g_idx=True)
     if args.aqlm:
-        aqlm_pass = {"steps_per_round": args.aqlm_steps}
+        aqlm_pass = {"steps_per_round": args.aqlm_steps, "max_rounds": args.aqlm_rounds}
         print(f"[3/{steps}] AQLM 2x8 (group 8), every linear")
         loaded = load_pretrained(DEMO_MODEL, device=args.device)
         aqlm = run_stage(loaded, "aqlm", [AQLMPass("2x8", **aqlm_pass)], calib, device,
@@ -767,9 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run uniform AQLM 2x8 and CASP_AQLM at its average bits (low-rank "
                         "ranks multiple of 8, widths 2x8/3x8/4x8, factors at their layer's "
                         "width); slower: about half an hour more on 2 CPU cores")
-    p.add_argument("--aqlm-steps", type=_positive, default=25,
-                   help="with --aqlm: Adam steps per AQLM round (default: 25, for CPU time; "
+    p.add_argument("--aqlm-steps", type=_positive, default=10,
+                   help="with --aqlm: Adam steps per AQLM round (default: 10, for CPU time; "
                         "casp aqlm's default is 100)")
+    p.add_argument("--aqlm-rounds", type=_positive, default=8,
+                   help="with --aqlm: at most this many rounds per module (default: 8, for CPU "
+                        "time; casp aqlm stops at its 0.01 tolerance, up to 100 rounds)")
     p.add_argument("--device", default="auto", help="compute device (default: auto)")
     p.set_defaults(func=cmd_demo)
 

@@ -15,6 +15,7 @@ quantization passes use it for the rest of a layer).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ from ..errors import CaspError
 from ..modules import register_module_type
 from .aqlm import (AQLMResult, AQLMSetting, dequantize, described_bits, from_storage_codes,
                    to_storage_codes)
+
+
+log = logging.getLogger("casp")
+_warned_no_kernel = False
 
 
 @contextlib.contextmanager
@@ -169,7 +174,19 @@ class AQLMLinear(nn.Module):
         run_dtype = torch.float32 if x.device.type == "cpu" else x.dtype
         runner = self.kernel_module(x.device, run_dtype)
         with serial_numba(x.device.type == "cpu" and self.nbits_per_codebook == 8):
-            return runner(x.to(run_dtype).contiguous()).to(x.dtype)
+            if x.device.type == "cpu":
+                return runner(x.to(run_dtype).contiguous()).to(x.dtype)
+            try:
+                return runner(x.contiguous())
+            except (ImportError, RuntimeError) as exc:
+                # the CUDA / Triton kernels are built on first use; without a toolchain
+                # (or aqlm[gpu]) run the dequantized weight instead, and say so once
+                if not _warned_no_kernel:
+                    log.warning("aqlm GPU kernels unavailable (%s); AQLM modules run as a "
+                                "dequantized matmul", str(exc).splitlines()[0][:200])
+                    globals()["_warned_no_kernel"] = True
+                self.cache_weight()
+                return self.forward(x)
 
     def _apply(self, fn, recurse=True):
         books, scales = self.codebooks, self.scales
