@@ -89,7 +89,8 @@ class QuantSetting:
         effective_group_size(in_features, self.group_size)
 
     def plan_entry(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size}
+        """What a plan records of the setting besides its width."""
+        return {"group_size": self.group_size}
 
 
 
@@ -412,10 +413,9 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
     modules, layers_out, total = {}, [], 0
     for c in choices:
         for n in by_layer[c.index]:
-            entry = setting(n, c.bits).plan_entry()
-            if codebooks is not None:     # the width the setting stands for in the map
-                entry["bits"] = factor_bits if is_factor(n) and factor_bits else c.bits
-            modules[n] = {**entry, "shape": list(linears[n].weight.shape)}
+            width = factor_bits if is_factor(n) and factor_bits is not None else c.bits
+            modules[n] = {"bits": width, **setting(n, c.bits).plan_entry(),
+                          "shape": list(linears[n].weight.shape)}
         total += c.costs[c.bits]
         layers_out.append({"layer": c.index, "importance": round(c.importance, 6),
                            "continuous_bits": round(c.continuous_bits, 4), "bits": c.bits,

@@ -92,6 +92,23 @@ def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int, seqlen: int
                         "JSON's folder)")
 
 
+def _add_quantizer_args(p: argparse.ArgumentParser) -> None:
+    """The flags every stage-3 quantizer command shares."""
+    p.add_argument("--output", required=True,
+                   help="checkpoint directory to write (atomically; an interrupted run resumes "
+                        "from its last finished layer)")
+    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                   help="take each group of linears' Hessian after quantizing the groups "
+                        "before it in the layer (default: on)")
+    p.add_argument("--layers", default=None,
+                   help="only these decoder layers, e.g. 0-3 (default: all)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between layers")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output directory that holds something else")
+    _add_calibration_args(p, nsamples=128, seqlen=2048)
+
+
 def _calibration(args):
     from .data.calibration import CalibrationConfig
 
@@ -621,9 +638,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every module gets --bits/--group-size (the baseline); with "
                                    "--plan each gets the plan's setting (CASP_GPTQ).")
     _add_model_args(p)
-    p.add_argument("--output", required=True,
-                   help="checkpoint directory to write (atomically; an interrupted run resumes "
-                        "from its last finished layer)")
     p.add_argument("--plan", default=None, help="bit plan from casp allocate (per-module bits)")
     p.add_argument("--bits", type=_width, default=2,
                    help="bits of modules the plan does not name, 2-8 (default: 2)")
@@ -640,19 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dampening, a fraction of the mean Hessian diagonal (default: 0.01)")
     p.add_argument("--block-size", type=_positive, default=128,
                    help="columns per lazy update block (default: 128)")
-    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
-                   help="take each group of linears' Hessian after quantizing the groups "
-                        "before it in the layer (default: on)")
-    p.add_argument("--layers", default=None,
-                   help="only these decoder layers, e.g. 0-3 (default: all)")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="keep calibration activations on the CPU between layers")
     p.add_argument("--export-gptq", default=None,
                    help="also write the standard GPTQ format (transformers / vLLM) to this "
                         "directory; needs one global setting, 2/4/8 bits, no low-rank modules")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an output directory that holds something else")
-    _add_calibration_args(p, nsamples=128, seqlen=2048)
+    _add_quantizer_args(p)
     p.set_defaults(func=cmd_gptq)
 
     p = sub.add_parser("aqlm", help="stage 3: AQLM quantization (uniform, or per module from a "
@@ -668,9 +673,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "codebooks and scales in the aqlm package's layout and runs "
                                    "through its kernels.")
     _add_model_args(p)
-    p.add_argument("--output", required=True,
-                   help="checkpoint directory to write (atomically; an interrupted run resumes "
-                        "from its last finished layer)")
     p.add_argument("--plan", default=None,
                    help="bit plan from casp allocate --quantizer aqlm (per-module codebooks)")
     p.add_argument("--codebooks", default="2x8",
@@ -696,9 +698,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-max-points", type=int, default=256,
                    help="k-means fits at most this many weight groups per codebook entry "
                         "(0 = all; default: 256)")
-    p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
-                   help="take each group of linears' Hessian after quantizing the groups "
-                        "before it in the layer (default: on)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="passes over the calibration batches fine-tuning each finished layer's "
                         "codebooks and scales to the original layer's outputs (default: 0 = off, "
@@ -707,17 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate of the layer fine-tuning (default: 1e-4)")
     p.add_argument("--init-seed", type=int, default=0,
                    help="seed of the k-means initialisation (default: 0)")
-    p.add_argument("--layers", default=None,
-                   help="only these decoder layers, e.g. 0-3 (default: all)")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="keep calibration activations on the CPU between layers")
     p.add_argument("--export-aqlm", default=None,
                    help="also write the standard HF AQLM format (stock transformers + aqlm "
                         "load it) to this directory; needs one global setting and no low-rank "
                         "modules")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an output directory that holds something else")
-    _add_calibration_args(p, nsamples=128, seqlen=2048)
+    _add_quantizer_args(p)
     p.set_defaults(func=cmd_aqlm)
 
     p = sub.add_parser("ppl", help="perplexity of a model on one or more corpora",

@@ -28,7 +28,6 @@ Storage follows the ``aqlm`` package's QuantizedLinear: codes [out, in/ig, M] as
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -107,7 +106,8 @@ class AQLMSetting:
         return codes + codebooks + out_features * 16
 
     def plan_entry(self) -> dict:
-        return {"bits": math.ceil(self.nominal_bits), "group_size": self.in_group_size,
+        """What a plan records of the setting (the width it stands for is the plan's)."""
+        return {"group_size": self.in_group_size,
                 "codebooks": f"{self.num_codebooks}x{self.nbits}"}
 
     @classmethod
@@ -179,7 +179,7 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) 
 
 
 def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Generator,
-           max_points_per_centroid: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
+           max_points_per_centroid: int | None = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means, fitted on at most ``max_points_per_centroid * k`` random points and
     started from k-means++ seeds (``k`` <= 1024) or ``k`` distinct random points (larger
     codebooks; with fewer points than ``k`` every point is a centroid and the rest are
@@ -263,9 +263,7 @@ def _objective_and_grads(weight, hessian, codes, codebooks, scales):
 def adam_update(weight, hessian, codes, codebooks, scales, steps: int, lr: float,
                 betas=(0.0, 0.95)) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam on codebooks and scales with the codes fixed."""
-    books = codebooks.clone().requires_grad_(False)
-    s = scales.clone()
-    params = [torch.nn.Parameter(books), torch.nn.Parameter(s)]
+    params = [torch.nn.Parameter(codebooks.clone()), torch.nn.Parameter(scales.clone())]
     opt = torch.optim.Adam(params, lr=lr, betas=betas)
     for _ in range(steps):
         _, g_books, g_scales = _objective_and_grads(weight, hessian, codes, params[0].data,
@@ -363,7 +361,7 @@ def aqlm_quantize(weight: torch.Tensor, hessian: torch.Tensor, setting: AQLMSett
     scales = (w.pow(2).mean(1).sqrt()).clamp_min(1e-8)
     codebooks, codes = residual_kmeans_init(w / scales[:, None], setting, kmeans_iterations,
                                             generator, kmeans_max_points or None)
-    reference = float(((w @ h) * w).sum()).__abs__() or 1.0
+    reference = abs(float(((w @ h) * w).sum())) or 1.0
     history = [objective(w, h, codes, codebooks, scales) / reference]
     codes = beam_search(w / scales[:, None], h, codes, codebooks, beam_size)
     history.append(objective(w, h, codes, codebooks, scales) / reference)

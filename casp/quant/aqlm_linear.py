@@ -18,13 +18,12 @@ import contextlib
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CaspError
 from ..modules import register_module_type
-from .aqlm import (AQLMResult, AQLMSetting, dequantize, described_bits, from_storage_codes,
-                   to_storage_codes)
+from .aqlm import AQLMResult, AQLMSetting, dequantize, from_storage_codes, to_storage_codes
+from .stored import StoredLinear
 
 
 log = logging.getLogger("casp")
@@ -60,8 +59,9 @@ def _aqlm_quantized_linear():
 
 
 @register_module_type
-class AQLMLinear(nn.Module):
+class AQLMLinear(StoredLinear):
     type_name = "aqlm"
+    fp16_buffers = ("codebooks", "scales")
 
     def __init__(self, in_features: int, out_features: int, num_codebooks: int,
                  nbits_per_codebook: int, in_group_size: int = 8, bias: bool = False,
@@ -84,7 +84,6 @@ class AQLMLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
-        self._cached: torch.Tensor | None = None
         self._runner: nn.Module | None = None
         self._train: list[nn.Parameter] | None = None
 
@@ -108,20 +107,9 @@ class AQLMLinear(nn.Module):
         """Codes as 0..2^B-1, int64 [out, groups, M]."""
         return from_storage_codes(self.codes, self.nbits_per_codebook)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight this module computes with, float32 [out, in]."""
-        if self._cached is not None:
-            return self._cached.float()
+    def decode_weight(self) -> torch.Tensor:
         return dequantize(self.code_indices(), self.codebooks.float().squeeze(2),
                           self.scales.float())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dequantized_weight()
-
-    def cache_weight(self, enabled: bool = True) -> None:
-        """Keep the dequantized weight in memory (faster repeated forwards, more memory)."""
-        self._cached = self.dequantized_weight() if enabled else None
 
     def kernel_module(self, device: torch.device, dtype: torch.dtype) -> nn.Module:
         """An ``aqlm.QuantizedLinear`` holding this module's tensors (cached)."""
@@ -165,12 +153,9 @@ class AQLMLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_train", None) is not None:
             books, scales = self._train
-            w = dequantize(self.code_indices(), books, scales)
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return F.linear(x, w.to(x.dtype), bias)
+            return self.dense_forward(x, dequantize(self.code_indices(), books, scales))
         if self._cached is not None:
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return F.linear(x, self._cached.to(x.dtype), bias)
+            return self.dense_forward(x, self._cached)
         run_dtype = torch.float32 if x.device.type == "cpu" else x.dtype
         runner = self.kernel_module(x.device, run_dtype)
         with serial_numba(x.device.type == "cpu" and self.nbits_per_codebook == 8):
@@ -189,17 +174,9 @@ class AQLMLinear(nn.Module):
                 return self.forward(x)
 
     def _apply(self, fn, recurse=True):
-        books, scales = self.codebooks, self.scales
         super()._apply(fn, recurse)
-        # .to(dtype) / .half() must not change what is stored: only the device follows
-        self.codebooks = books.to(self.codebooks.device)
-        self.scales = scales.to(self.scales.device)
-        self._cached = None
-        self._runner = None
+        self._runner = None                 # rebuilt on the new device at the next forward
         return self
-
-    def storage_bits(self) -> int:
-        return described_bits(self.describe())
 
     def describe(self) -> dict:
         return {"type": self.type_name, "in_features": self.in_features,

@@ -14,17 +14,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..modules import register_module_type
-from .gptq import GPTQResult, check_bits, dequantize, described_bits, effective_group_size
+from .gptq import GPTQResult, check_bits, dequantize, effective_group_size
 from .packing import pack_bits, packed_size, unpack_bits
+from .stored import StoredLinear
 
 
 @register_module_type
-class GPTQLinear(nn.Module):
+class GPTQLinear(StoredLinear):
     type_name = "gptq"
+    fp16_buffers = ("scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  g_idx: bool = False, bias: bool = False, dtype: torch.dtype | None = None,
@@ -49,7 +50,6 @@ class GPTQLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
-        self._cached: torch.Tensor | None = None
 
     @classmethod
     def from_result(cls, result: GPTQResult, bits: int, bias: torch.Tensor | None,
@@ -72,37 +72,12 @@ class GPTQLinear(nn.Module):
         return unpack_bits(self.qweight, self.bits, self.out_features * self.in_features
                            ).view(self.out_features, self.in_features)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight this module computes with, float32 [out, in]."""
-        if self._cached is not None:
-            return self._cached.float()
+    def decode_weight(self) -> torch.Tensor:
         return dequantize(self.codes(), self.scales, self.zeros, self.group_size, self.g_idx)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dequantized_weight()
-
-    def cache_weight(self, enabled: bool = True) -> None:
-        """Keep the dequantized weight in memory (faster repeated forwards, more memory)."""
-        self._cached = self.dequantized_weight() if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._cached if self._cached is not None else self.dequantized_weight()
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w.to(x.dtype), bias)
-
-    def _apply(self, fn, recurse=True):
-        scales, zeros = self.scales, self.zeros
-        super()._apply(fn, recurse)
-        # .to(dtype) / .half() must not change what is stored (a bf16 round trip would):
-        # scales and zeros stay the fp16 originals, only the device follows
-        self.scales = scales.to(self.scales.device)
-        self.zeros = zeros.to(self.zeros.device)
-        self._cached = None
-        return self
-
-    def storage_bits(self) -> int:
-        return described_bits(self.describe())
+        return self.dense_forward(x, w)
 
     def describe(self) -> dict:
         return {"type": self.type_name, "in_features": self.in_features,
