@@ -94,23 +94,42 @@ class QuantSetting:
 
 
 
-def parse_codebook_map(text: str) -> dict[int, "AQLMSetting"]:
-    """'2=2x8,3=2x12' -> {2: AQLMSetting 2x8, 3: AQLMSetting 2x12}: the AQLM codebook
-    setting each allocated width stands for."""
+def parse_codebook_map(text: str, quantizer: str = "aqlm") -> dict[int, object]:
+    """'2=2x8,3=2x12' -> {2: AQLMSetting 2x8, 3: AQLMSetting 2x12}: the codebook setting
+    each allocated width stands for; with ``quantizer`` "quip" the settings are QuIP#
+    codebooks ('2=e8p12,3=e8p12rvq3b')."""
     from .quant.aqlm import AQLMSetting
+    from .quant.e8p import QuIPSetting
 
+    parse = QuIPSetting.parse if quantizer == "quip" else AQLMSetting.parse
+    example = ("2=e8p12,3=e8p12rvq3b" if quantizer == "quip" else "2=2x8,3=2x12")
     result = {}
     for item in (t.strip() for t in text.split(",") if t.strip()):
         width, sep, setting = item.partition("=")
         try:
             if not sep:
                 raise ValueError
-            result[int(width)] = AQLMSetting.parse(setting)
+            result[int(width)] = parse(setting)
         except ValueError:
-            raise CaspError(f"codebook map item {item!r} is not WIDTH=MxB (e.g. 2=2x8,3=2x12)")
+            raise CaspError(f"codebook map item {item!r} is not WIDTH=SETTING (e.g. {example})")
     if not result:
-        raise CaspError("empty codebook map; give e.g. 2=2x8,3=2x12")
+        raise CaspError(f"empty codebook map; give e.g. {example}")
+    if quantizer == "quip":
+        wrong = [(w, s) for w, s in result.items() if s.bits != w]
+        if wrong:
+            raise CaspError(f"codebook map: {wrong[0][1].name} stores {wrong[0][1].bits} bits, "
+                            f"not {wrong[0][0]}; use 2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b")
     return result
+
+
+def codebook_quantizer(codebooks: dict | None) -> str:
+    """Which quantizer a codebook map is for ("gptq" when there is none)."""
+    if not codebooks:
+        return "gptq"
+    return getattr(next(iter(codebooks.values())), "quantizer", "aqlm")
+
+
+QUANTIZER_LABELS = {"gptq": "GPTQ", "aqlm": "AQLM", "quip": "QuIP#"}
 
 
 def dense_shapes(model: nn.Module, spec: ModelSpec) -> list[tuple[int, int]]:
@@ -331,14 +350,14 @@ class BitPlan:
 def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], budget: float,
              allowed_bits: list[int], group_size: int = 128, factor_bits: int | None = 3,
              factor_group_size: int = -1, g_idx: bool = False,
-             codebooks: dict[int, "AQLMSetting"] | None = None) -> BitPlan:
+             codebooks: dict[int, object] | None = None) -> BitPlan:
     """Solve the allocation for ``model`` (original or low-rank) at ``budget`` average bits.
 
     Each layer gets one width from ``allowed_bits`` for its dense linears (group
     ``group_size``); low-rank factors get ``factor_bits`` (per channel by default, as the
     official code does), or the layer's width when ``factor_bits`` is None. With
-    ``codebooks`` (width -> AQLM setting) the plan is for AQLM: a module at width b is
-    stored with ``codebooks[b]`` and costs what that setting stores.
+    ``codebooks`` (width -> AQLM setting or QuIP# codebook) the plan is for that quantizer:
+    a module at width b is stored with ``codebooks[b]`` and costs what that setting stores.
     """
     if not allowed_bits:
         raise CaspError("no allowed bit widths; give e.g. --bits 2,3,4")
@@ -354,12 +373,16 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
     if missing:
         raise CaspError(f"no importance score for layer {missing[0]}")
 
+    quantizer = codebook_quantizer(codebooks)
+    label = QUANTIZER_LABELS[quantizer]
     if codebooks is not None:
         meta_codebooks = {str(b): s.name for b, s in sorted(codebooks.items())}
         lacking = [b for b in allowed + ([factor_bits] if factor_bits else []) if b not in codebooks]
         if lacking:
-            raise CaspError(f"no AQLM codebook setting for {lacking[0]} bits; add it to the "
-                            "codebook map (e.g. --codebooks 2=2x8,3=2x12,4=4x8)")
+            example = ("2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b" if quantizer == "quip"
+                       else "2=2x8,3=2x12,4=4x8")
+            raise CaspError(f"no {label} codebook setting for {lacking[0]} bits; add it to the "
+                            f"codebook map (e.g. --codebooks {example})")
 
     def setting(name: str, width: int):
         if is_factor(name) and factor_bits is not None:
@@ -390,7 +413,7 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
         solve_widths(choices, budget_total)
     except CaspError:
         lowest = sum(min(c.costs.values()) for c in choices) / dense
-        what = (f"AQLM {codebooks[allowed[0]].name}" if codebooks is not None
+        what = (f"{label} {codebooks[allowed[0]].name}" if codebooks is not None
                 else f"group {group_size}")
         raise CaspError(f"budget {budget} bits cannot be met: the smallest allowed width "
                         f"({allowed[0]} bits, {what}) already needs {lowest:.4f} "
@@ -423,7 +446,7 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
     meta = {"budget_bits": budget, "achieved_bits": total / dense, "stored_bits": total,
             "dense_parameters": dense, "allowed_bits": allowed, "group_size": group_size,
             "factor_bits": factor_bits, "factor_group_size": factor_group_size, "g_idx": g_idx,
-            "quantizer": "gptq" if codebooks is None else "aqlm",
+            "quantizer": quantizer,
             **({"codebooks": meta_codebooks} if codebooks is not None else {}),
             "architecture": type(model).__name__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -441,7 +464,7 @@ def uniform_average_bits(model: nn.Module, spec: ModelSpec, bits: int, group_siz
 def uniform_setting_bits(model: nn.Module, spec: ModelSpec, setting, dense: bool = False
                          ) -> float:
     """Average bits of storing every quantized linear with ``setting`` (anything with a
-    ``cost(out, in)``: a GPTQ QuantSetting or an AQLMSetting)."""
+    ``cost(out, in)``: a GPTQ QuantSetting, an AQLMSetting or a QuIPSetting)."""
     if dense:
         total = sum(setting.cost(*shape) for shape in dense_shapes(model, spec))
     else:
@@ -453,12 +476,15 @@ def uniform_setting_bits(model: nn.Module, spec: ModelSpec, setting, dense: bool
 def parse_budget(text: str) -> tuple[float | None, tuple[int, int] | None]:
     """A budget is a number of average bits (2.25), BITS@GROUP (2@128, 3@-1): the average
     bits of uniform GPTQ at that setting on the original dense model, or an AQLM setting
-    (2x8, 1x16, 2x8g8): what uniform AQLM at that setting stores on the dense model (the
-    second element is then an AQLMSetting)."""
+    (2x8, 1x16, 2x8g8) or QuIP# codebook (e8p12): what uniform AQLM / QuIP# at that
+    setting stores on the dense model (the second element is then the setting)."""
     from .quant.aqlm import SETTING_PATTERN, AQLMSetting
+    from .quant.e8p import SETTINGS as QUIP_SETTINGS, QuIPSetting
 
     if SETTING_PATTERN.match(text.strip()):
         return None, AQLMSetting.parse(text)
+    if text.strip().lower() in QUIP_SETTINGS:
+        return None, QuIPSetting.parse(text)
     if "@" in text:
         bits, _, group = text.partition("@")
         try:
@@ -473,8 +499,8 @@ def parse_budget(text: str) -> tuple[float | None, tuple[int, int] | None]:
         if value is not None and 1.0 <= value <= 16.0:
             return value, None
     raise CaspError(f"budget {text!r} is not average bits in 1-16 (e.g. 2.25), BITS@GROUP "
-                    "(e.g. 2@128: the bits of uniform 2-bit group-128 GPTQ) or an AQLM setting "
-                    "(e.g. 2x8: the bits of uniform AQLM 2x8)")
+                    "(e.g. 2@128: the bits of uniform 2-bit group-128 GPTQ), an AQLM setting "
+                    "(e.g. 2x8: the bits of uniform AQLM 2x8) or a QuIP# codebook (e.g. e8p12)")
 
 
 def format_plan_table(plan: BitPlan) -> str:
@@ -485,9 +511,10 @@ def format_plan_table(plan: BitPlan) -> str:
     m = plan.meta
     books = m.get("codebooks")
     if books:
+        label = QUANTIZER_LABELS.get(m.get("quantizer", "aqlm"), "AQLM")
         factors = ("same as the layer" if m["factor_bits"] is None else
-                   f"{m['factor_bits']} bits = AQLM {books[str(m['factor_bits'])]}")
-        setting = "AQLM " + ", ".join(f"{b} bits = {s}" for b, s in books.items())
+                   f"{m['factor_bits']} bits = {label} {books[str(m['factor_bits'])]}")
+        setting = f"{label} " + ", ".join(f"{b} bits = {s}" for b, s in books.items())
     else:
         factors = ("same as the layer" if m["factor_bits"] is None else
                    f"{m['factor_bits']} bits, group {m['factor_group_size']}")

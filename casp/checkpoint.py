@@ -223,7 +223,8 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> to
     return loaded.model.to(resolve_device(device))
 
 
-QUANTIZED_TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".g_idx", ".codes", ".codebooks")
+QUANTIZED_TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".g_idx", ".codes", ".codebooks",
+                             ".resid_codes", ".su", ".sv", ".scale")
 
 
 def checkpoint_size(path: str | Path) -> dict:

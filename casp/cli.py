@@ -14,6 +14,7 @@ log = logging.getLogger("casp")
 
 DEMO_MODEL = "smollm2-135m"
 DEFAULT_AQLM_CODEBOOKS_TEXT = "2=2x8,3=2x12,4=4x8"
+DEFAULT_QUIP_CODEBOOKS_TEXT = "2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b"
 
 
 def _ratio(text: str) -> float:
@@ -107,6 +108,16 @@ def _add_quantizer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output directory that holds something else")
     _add_calibration_args(p, nsamples=128, seqlen=2048)
+
+
+def _add_finetune_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Block fine-tuning flags (AQLM, QuIP#)."""
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help=f"passes over the calibration batches fine-tuning each finished layer's "
+                        f"{what} to the original layer's outputs (default: 0 = off, as the "
+                        "paper)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4,
+                   help="Adam learning rate of the layer fine-tuning (default: 1e-4)")
 
 
 def _calibration(args):
@@ -239,10 +250,13 @@ def cmd_allocate(args) -> int:
     from .loading import load_pretrained, resolve_device
     from .pipeline import run_stage
 
-    if args.quantizer == "aqlm":
-        from .allocation import parse_codebook_map
-
-        parse_codebook_map(args.codebooks)      # refuse a malformed map before any work
+    codebooks = None
+    if args.quantizer != "gptq":
+        if args.codebooks is None:
+            args.codebooks = (DEFAULT_AQLM_CODEBOOKS_TEXT if args.quantizer == "aqlm"
+                              else DEFAULT_QUIP_CODEBOOKS_TEXT)
+        # refuse a malformed map before any work
+        codebooks = parse_codebook_map(args.codebooks, args.quantizer)
     out = Path(args.output)
     if out.suffix != ".json":
         raise CaspError(f"--output {out} should be a .json file (the plot is written beside it "
@@ -255,8 +269,8 @@ def cmd_allocate(args) -> int:
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     calibration = _calibration(args)
     result = run_stage(loaded, "importance", [importance], calibration, device)
-    aqlm = args.quantizer == "aqlm"
-    g_idx = args.act_order and not args.static_groups and not aqlm
+    coded = codebooks is not None
+    g_idx = args.act_order and not args.static_groups and not coded
     budget, uniform = parse_budget(args.budget)
     if isinstance(uniform, tuple):
         check_bits(uniform[0])
@@ -266,14 +280,15 @@ def cmd_allocate(args) -> int:
               f"dense model stores {budget:.4f} average bits")
     elif uniform is not None:
         budget = uniform_setting_bits(loaded.model, loaded.spec, uniform, dense=True)
-        print(f"budget {args.budget}: uniform AQLM {uniform.name} on the dense model stores "
+        label = "QuIP#" if getattr(uniform, "quantizer", "aqlm") == "quip" else "AQLM"
+        print(f"budget {args.budget}: uniform {label} {uniform.name} on the dense model stores "
               f"{budget:.4f} average bits")
     plan = allocate(loaded.model, loaded.spec, importance.scores, budget, bits,
                     group_size=args.group_size,
                     factor_bits=None if args.factor_bits == 0 else args.factor_bits,
                     factor_group_size=args.factor_group_size, g_idx=g_idx,
-                    codebooks=parse_codebook_map(args.codebooks) if aqlm else None)
-    plan.meta.update({"model": args.model, "act_order": args.act_order and not aqlm,
+                    codebooks=codebooks)
+    plan.meta.update({"model": args.model, "act_order": args.act_order and not coded,
                       "static_groups": args.static_groups,
                       "importance": {"method": args.importance,
                                      "calibration": calibration.as_dict(),
@@ -386,6 +401,37 @@ def _eval_ppl(loaded, dataset, split, seqlen, max_windows, device, text_field="t
     check_seqlen(loaded.model, seqlen)
     ids = tokenize_documents(loaded.tokenizer, load_documents(dataset, split, text_field))
     return perplexity(loaded.model, ids, seqlen, max_windows=max_windows, device=device)
+
+
+def cmd_quip(args) -> int:
+    from .quant.quip_pass import QuIPPass
+
+    plan = _quantizer_plan(args, "quip")
+    quip = QuIPPass(args.codebook, plan=plan.modules if plan else None,
+                    plan_id=plan.fingerprint() if plan else None, hessians=args.hessians,
+                    sigma_reg=args.sigma_reg, true_sequential=args.true_sequential,
+                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                    seed=args.sign_seed)
+    return _run_quantizer(args, "quip", quip, plan, None, None)
+
+
+def cmd_hessians(args) -> int:
+    from .loading import load_pretrained, resolve_device
+    from .pipeline import run_stage
+    from .quant.quip_pass import HessianPass
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CaspError(f"--output {out} is a file; give a directory for the Hessians")
+    device = resolve_device(args.device)
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    result = run_stage(loaded, "hessians", [HessianPass(out)], _calibration(args), device,
+                       layers=_layers(args.layers),
+                       offload_activations=args.offload_activations)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"Hessians of {len(list(out.glob('layer_*.safetensors')))} layers written to {out} "
+          f"({size / 2**20:.1f} MiB) in {result.seconds:.1f} s")
+    return 0
 
 
 def cmd_ppl(args) -> int:
@@ -598,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 2@128: exactly what uniform GPTQ at that setting stores on the "
                         "original dense model (group indices and short last groups included), "
                         "or an AQLM setting, e.g. 2x8: what uniform AQLM 2x8 stores on it "
-                        "(codebooks and scales included)")
+                        "(codebooks and scales included), or a QuIP# codebook, e.g. e8p12: "
+                        "what uniform QuIP# E8P12 stores on it (signs and scale included)")
     p.add_argument("--bits", default="2,3,4",
                    help="widths a layer may get, comma-separated, each 2-8 (default: 2,3,4; "
                         "the paper's code used 2,3)")
@@ -618,14 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "--static-groups; default: on)")
     p.add_argument("--static-groups", action="store_true",
                    help="the GPTQ run will use static groups (no group indices to store)")
-    p.add_argument("--quantizer", choices=["gptq", "aqlm"], default="gptq",
+    p.add_argument("--quantizer", choices=["gptq", "aqlm", "quip"], default="gptq",
                    help="the stage-3 quantizer the plan is for; it decides what each width "
                         "stores and costs (default: gptq)")
-    p.add_argument("--codebooks", default=DEFAULT_AQLM_CODEBOOKS_TEXT,
+    p.add_argument("--codebooks", default=None,
                    help="with --quantizer aqlm: the AQLM setting of each width, WIDTH=MxB[gG] "
                         "comma-separated; costs count int8/int16 codes, fp16 codebooks and "
                         f"scales (default: {DEFAULT_AQLM_CODEBOOKS_TEXT}, 2x8 and 2x12 as the "
-                        "paper's code)")
+                        "paper's code). With --quantizer quip: the QuIP# codebook of each width "
+                        f"(default: {DEFAULT_QUIP_CODEBOOKS_TEXT}); costs count the codes, one "
+                        "sign bit per input and output, and the scale")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     _add_calibration_args(p, nsamples=128, seqlen=2048)
     p.set_defaults(func=cmd_allocate)
@@ -698,12 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-max-points", type=int, default=256,
                    help="k-means fits at most this many weight groups per codebook entry "
                         "(0 = all; default: 256)")
-    p.add_argument("--finetune-steps", type=int, default=0,
-                   help="passes over the calibration batches fine-tuning each finished layer's "
-                        "codebooks and scales to the original layer's outputs (default: 0 = off, "
-                        "as the paper)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4,
-                   help="Adam learning rate of the layer fine-tuning (default: 1e-4)")
+    _add_finetune_args(p, "codebooks and scales")
     p.add_argument("--init-seed", type=int, default=0,
                    help="seed of the k-means initialisation (default: 0)")
     p.add_argument("--export-aqlm", default=None,
@@ -712,6 +756,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "modules")
     _add_quantizer_args(p)
     p.set_defaults(func=cmd_aqlm)
+
+    p = sub.add_parser("hessians", help="QuIP#'s offline Hessians of every linear's input",
+                       description="Run the calibration data through the model layer by layer "
+                                   "(as given, nothing quantized) and write, per decoder layer, "
+                                   "E[x x^T] of every distinct linear input (float32, upper "
+                                   "triangle) to a directory, for casp quip --hessians. A rerun "
+                                   "keeps the layers already written.")
+    _add_model_args(p)
+    p.add_argument("--output", required=True, help="directory for the Hessians")
+    p.add_argument("--layers", default=None,
+                   help="only these decoder layers, e.g. 0-3 (default: all)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between layers")
+    _add_calibration_args(p, nsamples=128, seqlen=2048)
+    p.set_defaults(func=cmd_hessians)
+
+    p = sub.add_parser("quip", help="stage 3: QuIP# quantization (uniform, or per module from a "
+                                    "plan)",
+                       description="Quantize every linear of the language model's decoder layers "
+                                   "(low-rank factors included) with QuIP#: random-sign "
+                                   "Hadamard incoherence on both sides of W and H, then "
+                                   "BlockLDLQ (blocks of 8 columns, LDL error feedback) onto an "
+                                   "E8 lattice codebook (E8P12: 2 bits; with a residual E8 "
+                                   "codebook: 3 or 4 bits). Without --plan every module gets "
+                                   "--codebook (the baseline); with --plan each gets the plan's "
+                                   "codebook (CASP_QuIP#). The checkpoint stores 16-bit codes "
+                                   "per 8 weights, one sign bit per input and output and a scale; "
+                                   "it runs from that packed form.")
+    _add_model_args(p)
+    p.add_argument("--plan", default=None,
+                   help="bit plan from casp allocate --quantizer quip (per-module codebooks)")
+    p.add_argument("--codebook", default="e8p12",
+                   help="codebook of modules the plan does not name: e8p12 (2 bits), "
+                        "e8p12rvq3b (E8P12 + a 1-bit E8 residual: 3 bits), e8p12rvq4b (E8P12 + "
+                        "an E8P12 residual: 4 bits) (default: e8p12)")
+    p.add_argument("--hessians", default=None,
+                   help="directory from casp hessians (QuIP#'s offline Hessians of the model "
+                        "as given); default: collect them in this pass, after the modules "
+                        "before each one were quantized (see --true-sequential)")
+    p.add_argument("--sigma-reg", type=float, default=0.01,
+                   help="damping added to the diagonal of the Hessian normalised to mean "
+                        "diagonal 1 (default: 0.01)")
+    _add_finetune_args(p, "sign vectors (made real-valued, stored in fp16)")
+    p.add_argument("--sign-seed", type=int, default=0,
+                   help="seed of the random sign vectors (default: 0)")
+    _add_quantizer_args(p)
+    p.set_defaults(func=cmd_quip)
 
     p = sub.add_parser("ppl", help="perplexity of a model on one or more corpora",
                        description="Perplexity: the evaluation text is concatenated and cut into "

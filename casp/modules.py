@@ -15,7 +15,8 @@ from .errors import CaspError
 
 MODULE_TYPES: dict[str, type] = {}
 # Modules that define the built-in types (imported on first use, to keep imports acyclic).
-BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.qlinear", "casp.quant.aqlm_linear")
+BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.qlinear", "casp.quant.aqlm_linear",
+                        "casp.quant.quip_linear")
 
 
 def register_module_type(cls):

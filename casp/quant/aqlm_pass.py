@@ -10,10 +10,10 @@ import zlib
 import torch
 
 from ..errors import CaspError
-from ..layerwise import LayerContext, LayerPass, _to
+from ..layerwise import LayerContext, LayerPass
 from .aqlm import AQLMSetting, aqlm_quantize
 from .aqlm_linear import AQLMLinear
-from .common import layer_quantization_groups, quantize_in_order
+from .common import checked_groups, finetune_layer, quantize_in_order
 
 log = logging.getLogger("casp")
 
@@ -75,16 +75,12 @@ class AQLMPass(LayerPass):
         return AQLMSetting.from_plan_entry(entry) if entry else self.setting
 
     def process(self, ctx: LayerContext) -> None:
-        groups = layer_quantization_groups(ctx.layer, ctx.spec)
-        for group in groups:                      # refuse bad shapes before any work
-            for name in group:
-                lin = ctx.module(name)
-                self.module_setting(ctx.full_name(name)).check(*lin.weight.shape,
-                                                               name=ctx.full_name(name))
+        groups = checked_groups(ctx, self.module_setting)
         targets = ctx.forward() if self.finetune_steps else None
         quantize_in_order(ctx, groups, self.true_sequential, self._quantize)
         if targets is not None:
-            self._finetune(ctx, [n for g in groups for n in g], targets)
+            finetune_layer(ctx, [n for g in groups for n in g], targets, self.finetune_steps,
+                           self.finetune_lr, "codebooks and scales")
 
     def _quantize(self, ctx: LayerContext, name: str, gram) -> None:
         full = ctx.full_name(name)
@@ -105,55 +101,3 @@ class AQLMPass(LayerPass):
         ctx.changes[full]["rounds"] = result.rounds
         log.debug("%s: AQLM %s, relative error %.4f after %d rounds", full, setting.name,
                   result.relative_error, result.rounds)
-
-    def _finetune(self, ctx: LayerContext, names: list[str], targets: list[torch.Tensor]) -> None:
-        """Adam on the layer's codebooks and scales (codes fixed) against the original
-        layer's outputs, mean squared error over the calibration batches."""
-        modules = [ctx.module(n) for n in names]
-        frozen = [p for p in ctx.layer.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        params = [p for m in modules for p in m.begin_training()]
-        opt = torch.optim.Adam(params, lr=self.finetune_lr, betas=(0.9, 0.95))
-
-        def layer_error() -> float:
-            with torch.no_grad():
-                outs = ctx.forward()
-            return sum(float(((o - t) ** 2).mean()) for o, t in zip(outs, targets)) / len(outs)
-
-        before = layer_error()
-        kept = True
-        try:
-            for _ in range(self.finetune_steps):
-                for h, kw, target in zip(ctx.inputs.hidden, ctx.inputs.kwargs, targets):
-                    with torch.enable_grad():
-                        out = ctx.layer(h.to(ctx.device), **_to(kw, ctx.device))
-                        out = out[0] if isinstance(out, tuple) else out
-                        loss = torch.nn.functional.mse_loss(out.float(),
-                                                            target.to(ctx.device).float())
-                        opt.zero_grad()
-                        loss.backward()
-                    opt.step()
-            after = self._trained_error(modules, layer_error)
-            kept = after < before
-        finally:
-            for m in modules:
-                m.end_training(keep=kept)
-            for p in frozen:
-                p.requires_grad_(True)
-        if not kept:
-            after = before
-        log.info("layer %d fine-tuned: output MSE %.4g -> %.4g%s", ctx.index, before, after,
-                 "" if kept else " (no gain: kept the codebooks before fine-tuning)")
-        for n in names:
-            ctx.changes[ctx.full_name(n)]["finetune_mse"] = [before, after]
-
-    @staticmethod
-    def _trained_error(modules, layer_error) -> float:
-        """The layer's error with the trained values as they will be stored (fp16)."""
-        with torch.no_grad():
-            for m in modules:
-                books, scales = m._train
-                books.copy_(books.half().float())
-                scales.copy_(scales.half().float())
-        return layer_error()

@@ -2,11 +2,16 @@
 and what settings the plan gives each."""
 from __future__ import annotations
 
+import logging
+
+import torch
 from torch import nn
 
 from ..errors import CaspError
 from ..lowrank import LowRankLinear
 from ..models import ModelSpec
+
+log = logging.getLogger("casp")
 
 
 def layer_quantization_groups(layer: nn.Module, spec: ModelSpec) -> list[list[str]]:
@@ -49,6 +54,17 @@ def quantizable_linears(model: nn.Module, spec: ModelSpec) -> dict[str, nn.Linea
     return result
 
 
+def checked_groups(ctx, module_setting) -> list[list[str]]:
+    """The layer's quantization groups, after checking every module's shape against the
+    setting ``module_setting(full name)`` gives it (bad shapes refused before any work)."""
+    groups = layer_quantization_groups(ctx.layer, ctx.spec)
+    for group in groups:
+        for name in group:
+            module_setting(ctx.full_name(name)).check(*ctx.module(name).weight.shape,
+                                                      name=ctx.full_name(name))
+    return groups
+
+
 def quantize_in_order(ctx, groups: list[list[str]], true_sequential: bool, quantize) -> None:
     """Call ``quantize(ctx, name, gram)`` for every linear of ``groups`` in order. With
     ``true_sequential`` each group's input Gram matrices are taken after the groups before
@@ -72,9 +88,64 @@ def described_stored_bits(d: dict) -> int | None:
     if d.get("type") == "aqlm":
         from .aqlm import described_bits
         return described_bits(d)
+    if d.get("type") == "quip":
+        from .quip_linear import described_bits
+        return described_bits(d)
     return None
 
 
 def is_factor(name: str) -> bool:
     """Whether a quantizable module name is a low-rank factor."""
     return name.endswith(".down") or name.endswith(".up")
+
+
+def finetune_layer(ctx, names: list[str], targets: list[torch.Tensor], steps: int, lr: float,
+                   what: str) -> None:
+    """Block fine-tuning: Adam on the continuous parameters the quantized modules ``names``
+    expose (``begin_training()``; codes stay fixed) against the original layer's outputs
+    ``targets``, mean squared error over the calibration batches, ``steps`` epochs. The
+    result is kept only if the layer's output error, with the values as they will be
+    stored (``trained_as_stored()``), fell."""
+    from ..layerwise import _to
+
+    modules = [ctx.module(n) for n in names]
+    frozen = [p for p in ctx.layer.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    params = [p for m in modules for p in m.begin_training()]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+
+    def layer_error() -> float:
+        with torch.no_grad():
+            outs = ctx.forward()
+        return sum(float(((o - t) ** 2).mean()) for o, t in zip(outs, targets)) / len(outs)
+
+    before = layer_error()
+    kept = True
+    try:
+        for _ in range(steps):
+            for h, kw, target in zip(ctx.inputs.hidden, ctx.inputs.kwargs, targets):
+                with torch.enable_grad():
+                    out = ctx.layer(h.to(ctx.device), **_to(kw, ctx.device))
+                    out = out[0] if isinstance(out, tuple) else out
+                    loss = torch.nn.functional.mse_loss(out.float(),
+                                                        target.to(ctx.device).float())
+                    opt.zero_grad()
+                    loss.backward()
+                opt.step()
+        for m in modules:
+            m.trained_as_stored()
+        after = layer_error()
+        kept = after < before
+    finally:
+        for m in modules:
+            m.end_training(keep=kept)
+        for p in frozen:
+            p.requires_grad_(True)
+    if not kept:
+        after = before
+    log.info("layer %d fine-tuned: output MSE %.4g -> %.4g%s", ctx.index, before, after,
+             "" if kept else f" (no gain: kept the {what} before fine-tuning)")
+    for n, m in zip(names, modules):
+        ctx.changes[ctx.full_name(n)].update(m.describe())      # what is stored may change
+        ctx.changes[ctx.full_name(n)]["finetune_mse"] = [before, after]

@@ -49,6 +49,13 @@ class StoredLinear(nn.Module):
         self._cached = None
         return self
 
+    def trained_as_stored(self) -> None:
+        """Round the parameters being fine-tuned (``self._train``, set by a subclass's
+        ``begin_training``) to what will be stored: fp16."""
+        with torch.no_grad():
+            for p in self._train:
+                p.copy_(p.half().float())
+
     def storage_bits(self) -> int:
         from .common import described_stored_bits
 
