@@ -35,6 +35,11 @@ def test_paley_orders_are_hadamard_and_cover_the_known_small_orders():
         h = hd.hadamard_matrix(k)
         assert set(np.unique(h)) == {-1, 1}
         assert np.array_equal(h @ h.T, k * np.eye(k, dtype=np.int64))
+        # and the fast transform of that dimension is its orthogonal matrix
+        m = hd.transform_matrix(k)
+        x = torch.randn(2, k, dtype=torch.float64)
+        assert torch.allclose(m @ m.T, torch.eye(k, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(hd.transform(x), x @ m.T, atol=1e-10)
     assert hd.hadamard_matrix(172) is None          # not a Paley order: 11008 uses 344 * 32
 
 

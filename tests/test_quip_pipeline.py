@@ -123,6 +123,14 @@ def test_hessians_of_another_model_are_refused(casp_quip, calib_txt, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and "no Hessian for layer 0" in err and err.count("casp: error") == 1
     assert not (tmp_path / "q").exists()
+    # a truncated file is refused with the fix
+    layer0 = tmp_path / "h" / "layer_000.safetensors"
+    layer0.write_bytes(layer0.read_bytes()[:100])
+    code = run("quip", "--model", src, "--output", tmp_path / "q", "--hessians",
+               tmp_path / "h", "--layers", "0", *data)
+    err = capsys.readouterr().err
+    assert code == 2 and "not a readable Hessian file" in err and "rerun casp hessians" in err
+    assert not (tmp_path / "q").exists()
 
 
 def test_interrupted_quip_resumes_from_the_last_finished_layer(casp_quip, calib_txt, tmp_path,

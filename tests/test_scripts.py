@@ -120,3 +120,39 @@ def test_aqlm_end_to_end_script_on_a_tiny_llama(tmp_path, calib_txt):
     for name in ("base", "tiny-aqlm-2x8", "tiny-casp-aqlm"):
         rows = json.loads((work / f"{name}-ppl.json").read_text())
         assert rows[0]["windows"] == 2 and rows[0]["ppl"] > 1
+
+
+def test_quip_end_to_end_script_on_a_tiny_llama(tmp_path, calib_txt):
+    """svd -> hfize (Hessians of the low-rank model) -> quantize_finetune with a plan ->
+    baseline from the original model's own Hessians -> perplexity."""
+    src = save_tiny("llama", tmp_path / "base")
+    work = tmp_path / "work"
+    small = {"NSAMPLES": "4", "SEQLEN": "32", "DATASET": str(calib_txt)}
+    env = {"BASE_MODEL": str(src), "NAME": "tiny", "WORK": str(work),
+           **{f"SVD_{k}": v for k, v in small.items()},
+           **{f"QUIP_{k}": v for k, v in small.items()},
+           "QUIP_SIGMA_REG": "0.02", "EVAL_DATASETS": str(calib_txt), "EVAL_SPLIT": "all",
+           "EVAL_SEQLEN": "32", "EVAL_MAX_WINDOWS": "2"}
+    res = run_script("scripts/casp_quip_llama.sh", env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((work / "tiny-svd-hessians").glob("layer_*.safetensors"))) == 3
+    assert len(list((work / "tiny-hessians").glob("layer_*.safetensors"))) == 3
+    casp_cfg = json.loads((work / "tiny-casp-quip" / "config.json").read_text())["casp"]
+    base_cfg = json.loads((work / "tiny-quip-e8p12" / "config.json").read_text())["casp"]
+    assert [s["stage"] for s in casp_cfg["stages"]] == ["lowrank", "quip"]
+    assert [s["stage"] for s in base_cfg["stages"]] == ["quip"]
+    quip = casp_cfg["stages"][1]["settings"]["passes"]["quip"]
+    assert quip["hessians"] == str(work / "tiny-svd-hessians") and quip["sigma_reg"] == 0.02
+    assert base_cfg["stages"][0]["settings"]["passes"]["quip"]["hessians"] == \
+        str(work / "tiny-hessians")
+    plan = json.loads((work / "tiny-casp-quip.plan.json").read_text())
+    assert plan["quantizer"] == "quip" and plan["allowed_bits"] == [2, 3]
+    factors = [m for n, m in plan["modules"].items() if n.endswith((".down", ".up"))]
+    assert factors and {m["quip_codebook"] for m in factors} == {"e8p12rvq3b"}  # 3-bit factors
+    from casp.allocation import average_bits
+
+    assert average_bits(casp_cfg) <= average_bits(base_cfg) + 1e-9
+    assert plan["budget_bits"] == pytest.approx(average_bits(base_cfg))
+    for name in ("base", "tiny-quip-e8p12", "tiny-casp-quip"):
+        rows = json.loads((work / f"{name}-ppl.json").read_text())
+        assert rows[0]["windows"] == 2 and rows[0]["ppl"] > 1

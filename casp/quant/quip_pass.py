@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CaspError
 from ..layerwise import LayerContext, LayerPass
@@ -83,12 +83,17 @@ def load_hessian(root: Path, index: int, name: str) -> torch.Tensor:
     if not path.exists():
         raise CaspError(f"no Hessians for layer {index} in {root}; run casp hessians (or "
                         "quip-sharp/scripts/hfize_*.sh) on this very model first")
-    with safe_open(str(path), "pt") as fh:
+    try:
+        fh = safe_open(str(path), "pt")
         aliases = json.loads(fh.metadata()["aliases"])
-    if name not in aliases:
-        raise CaspError(f"{root} has no Hessian for layer {index}'s {name}: it was computed on "
-                        "another model (e.g. before the low-rank stage); recompute it")
-    packed = load_file(str(path))[aliases[name]]
+    except Exception as exc:                          # truncated or not a Hessian file
+        raise CaspError(f"{path} is not a readable Hessian file ({str(exc)[:120]}); delete it "
+                        "and rerun casp hessians, which recomputes the missing layers")
+    with fh:
+        if name not in aliases:
+            raise CaspError(f"{root} has no Hessian for layer {index}'s {name}: it was computed "
+                            "on another model (e.g. before the low-rank stage); recompute it")
+        packed = fh.get_tensor(aliases[name])
     n = int(round(((8 * packed.numel() + 1) ** 0.5 - 1) / 2))
     h = torch.zeros(n, n, dtype=torch.float32)
     rows, cols = torch.triu_indices(n, n)
