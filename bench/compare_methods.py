@@ -19,12 +19,22 @@ def setting_of(r: dict) -> str:
     s = r["settings"]
     if r["method"] == "fp":
         return "-"
-    if "codebook" in s:
-        return s["codebook"] if "budget" not in s else f"plan over {s['codebook_map']}"
-    if "codebooks" in s:
-        return s["codebooks"] if "budget" not in s else f"plan over {s['codebook_map']}"
-    base = f"{s['bits']}-bit g{s['group_size']}"
-    return base if "budget" not in s else f"plan, widths {s['allowed_bits']}"
+    if "codebook" in s or "codebooks" in s:
+        uniform = s.get("codebook") or s.get("codebooks")
+        text = uniform if "budget" not in s else f"plan over {s['codebook_map']}"
+    else:
+        text = (f"{s['bits']}-bit g{s['group_size']}" if "budget" not in s
+                else f"plan, widths {s['allowed_bits']}")
+    if "budget" in s and s.get("factor_bits") is not None and "alloc_only" not in r["method"]:
+        fb = s["factor_bits"]
+        text += f", factors {fb}" + ("-bit" if isinstance(fb, int) else " width")
+    if s.get("compression") and s["compression"] != 0.75:
+        text += f", low-rank {int(s['compression'] * 100)}%"
+    return text
+
+
+def quantizer_of(method: str) -> str:
+    return next((QUANTIZER[p] for p in method.split("_") if p in QUANTIZER), "-")
 
 
 def baseline_key(r: dict) -> str:
@@ -60,8 +70,7 @@ def table(rows: list[dict]) -> str:
     entries = []
     for (method, budget), d in by.items():
         w, lee = d["wiki"], d["lee"]
-        quantizer = method.split("_")[-1]
-        entries.append((w["avg_bits"] or 99, method, budget, w, lee, quantizer))
+        entries.append((w["avg_bits"] or 99, method, budget, w, lee, quantizer_of(method)))
     entries.sort(key=lambda e: (e[0] if e[1] == "fp" else 0, e[2] or "", e[0]))
     lines = ["| budget of | method | quantizer | setting | avg bits | PPL wiki | PPL lee | "
              "time (s) | checkpoint (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -75,9 +84,9 @@ def table(rows: list[dict]) -> str:
     rank = {"fp": 0, "gptq": 1, "aqlm": 1, "quip": 1, "casp": 2, "alloc": 3, "lowrank": 4}
     for key in order:
         for bits, method, budget, w, lee, quantizer in sorted(
-                groups[key], key=lambda e: rank.get(e[1].split("_")[0], 9)):
+                groups[key], key=lambda e: (rank.get(e[1].split("_")[0], 9), e[1])):
             size = f"{w['size_bytes'] / 2**20:.1f}" if w["size_bytes"] else "-"
-            lines.append(f"| {budget or '-'} | {method} | {QUANTIZER.get(quantizer, '-')} | "
+            lines.append(f"| {budget or '-'} | {method} | {quantizer} | "
                          f"{setting_of(w)} | {w['avg_bits'] if w['avg_bits'] else '-'} | "
                          f"{w['ppl']:.2f} | {lee['ppl']:.2f} | {w['quant_seconds'] or '-'} | "
                          f"{size} |")

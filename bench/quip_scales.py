@@ -58,8 +58,10 @@ def main() -> None:
         err, s, r = search(setting, x, np.arange(s - 0.04, s + 0.041, 0.01), fine_r)
         rows.append({"codebook": name, "bits": setting.bits, "scale": round(s, 3),
                      "resid_scale": round(r, 3), "mse": err,
-                     "mse_at_current": mse(setting, x),
-                     "current": {"scale": setting.scale, "resid_scale": setting.resid_scale},
+                     # the constants in casp/quant/e8p.py when the search ran, and their error
+                     "mse_at_constants_before": mse(setting, x),
+                     "constants_before": {"scale": setting.scale,
+                                          "resid_scale": setting.resid_scale},
                      "samples": args.samples, "seconds": round(time.time() - t, 1),
                      "machine": platform.processor() or platform.machine()})
         print(json.dumps(rows[-1]))
