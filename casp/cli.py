@@ -407,6 +407,13 @@ def cmd_quip(args) -> int:
     from .quant.quip_pass import QuIPPass
 
     plan = _quantizer_plan(args, "quip")
+    if args.hessians:
+        from .quant.quip_pass import check_hessian_dir, model_identity
+
+        if not Path(args.hessians).is_dir():
+            raise CaspError(f"Hessian directory {args.hessians} does not exist; compute it with "
+                            "casp hessians (quip-sharp/scripts/hfize_*.sh)")
+        check_hessian_dir(Path(args.hessians), model_identity(args.model), writing=False)
     quip = QuIPPass(args.codebook, plan=plan.modules if plan else None,
                     plan_id=plan.fingerprint() if plan else None, hessians=args.hessians,
                     sigma_reg=args.sigma_reg, true_sequential=args.true_sequential,
@@ -418,13 +425,14 @@ def cmd_quip(args) -> int:
 def cmd_hessians(args) -> int:
     from .loading import load_pretrained, resolve_device
     from .pipeline import run_stage
-    from .quant.quip_pass import HessianPass
+    from .quant.quip_pass import HessianPass, check_hessian_dir, model_identity
 
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise CaspError(f"--output {out} is a file; give a directory for the Hessians")
     device = resolve_device(args.device)
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    check_hessian_dir(out, model_identity(args.model), writing=True)
     result = run_stage(loaded, "hessians", [HessianPass(out)], _calibration(args), device,
                        layers=_layers(args.layers),
                        offload_activations=args.offload_activations)

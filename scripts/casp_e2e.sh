@@ -38,21 +38,23 @@ stage() {   # stage PREFIX SCRIPT VAR=VALUE...: run SCRIPT with PREFIX_* variabl
     local name="${prefix}_${var}"
     [ -n "${!name:-}" ] && overrides+=("$var=${!name}")
   done
-  env "$@" "${overrides[@]}" bash "$HERE/$script"
+  # explicit VAR=VALUE arguments win over the prefixed variables
+  env ${overrides[@]+"${overrides[@]}"} "$@" bash "$HERE/$script"
 }
 
 stage SVD "SVD/scripts/svd_${FAMILY}.sh" MODEL="$BASE_MODEL" OUTPUT="$WORK/$NAME-svd"
 hessians=()
 if [ "$QUANTIZER" = quip ]; then
+  # QUIP_EXTRA holds casp quip flags: not for the Hessian step
   stage QUIP "quip-sharp/scripts/hfize_${FAMILY}.sh" MODEL="$WORK/$NAME-svd" \
-    OUTPUT="$WORK/$NAME-svd-hessians"
+    OUTPUT="$WORK/$NAME-svd-hessians" EXTRA=
   hessians=(HESSIANS="$WORK/$NAME-svd-hessians")
 fi
 stage "$PREFIX" "$QDIR/scripts/${QSCRIPT}_${FAMILY}.sh" MODEL="$WORK/$NAME-svd" \
-  OUTPUT="$WORK/$NAME-casp-$QUANTIZER" "${hessians[@]}"
+  OUTPUT="$WORK/$NAME-casp-$QUANTIZER" ${hessians[@]+"${hessians[@]}"}
 [ "$QUANTIZER" = quip ] && hessians=(HESSIANS="$WORK/$NAME-hessians")
 stage "$PREFIX" "$QDIR/scripts/${QSCRIPT}_${FAMILY}_baseline.sh" MODEL="$BASE_MODEL" \
-  OUTPUT="$WORK/$NAME-$BASELINE_NAME" "${hessians[@]}"
+  OUTPUT="$WORK/$NAME-$BASELINE_NAME" ${hessians[@]+"${hessians[@]}"}
 EVAL_DATASETS=${EVAL_DATASETS:-wikitext2 c4}
 EVAL_SEQLEN=${EVAL_SEQLEN:-2048}
 for model in "$BASE_MODEL" "$WORK/$NAME-$BASELINE_NAME" "$WORK/$NAME-casp-$QUANTIZER"; do

@@ -97,6 +97,9 @@ def test_cuda_kernel_agrees_with_the_torch_transform():                # pragma:
         kernel = hd.transform(x, use_kernel=True)
         torch_ = hd.transform(x, use_kernel=False)
         assert torch.allclose(kernel, torch_, atol=1e-4)
+        # float64 (the Hessians' rotation) goes to the torch butterfly, not the kernel
+        x64 = x.double()
+        assert torch.allclose(hd.transform(x64), hd.transform(x64, use_kernel=False))
 
 
 def test_sign_packing_round_trips():
@@ -187,6 +190,7 @@ def test_settings_parse_cost_and_refuse():
     s = QuIPSetting.parse("E8P12")
     assert s.bits == 2 and SETTINGS["e8p12rvq3b"].bits == 3 and SETTINGS["e8p12rvq4b"].bits == 4
     assert s.cost(576, 1536) == 576 * 1536 * 2 + 576 + 1536 + 32
+    assert s.cost(20, 64) == 20 * 64 * 2 + 64 + 24 + 32            # signs in whole bytes
     with pytest.raises(CaspError, match="unknown"):
         QuIPSetting.parse("e8p11")
     with pytest.raises(CaspError, match="rank-multiple 8"):

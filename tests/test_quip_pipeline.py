@@ -1,6 +1,9 @@
 """The whole CASP_QuIP# pipeline on tiny random models: low-rank (ranks a multiple of 8),
 allocate for QuIP#, QuIP# with the plan, reload and run from the packed form; offline
 Hessians (hfize); resume; fine-tuning; bad input."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -121,9 +124,24 @@ def test_hessians_of_another_model_are_refused(casp_quip, calib_txt, tmp_path, c
     code = run("quip", "--model", lowrank, "--output", tmp_path / "q", "--hessians",
                tmp_path / "h", "--layers", "0", *data)
     err = capsys.readouterr().err
-    assert code == 2 and "no Hessian for layer 0" in err and err.count("casp: error") == 1
+    assert code == 2 and "holds Hessians of other weights" in err and err.count("casp: error") == 1
     assert not (tmp_path / "q").exists()
+    # nor are another model's Hessians added to the directory
+    assert run("hessians", "--model", lowrank, "--output", tmp_path / "h", *data) == 2
+    assert "holds Hessians of other weights" in capsys.readouterr().err
+    assert not (tmp_path / "h" / "layer_001.safetensors").exists()
+    # names it lacks (a record edited by hand) are refused too
+    record = json.loads((tmp_path / "h" / "hessians.json").read_text())
+    record["model"]["source"] = str(Path(lowrank).resolve())
+    record["model"]["stages"] = [s["fingerprint"] for s in read_casp_section(lowrank)["stages"]]
+    (tmp_path / "h" / "hessians.json").write_text(json.dumps(record))
+    code = run("quip", "--model", lowrank, "--output", tmp_path / "q", "--hessians",
+               tmp_path / "h", "--layers", "0", *data)
+    assert code == 2 and "no Hessian for layer 0" in capsys.readouterr().err
+    (tmp_path / "h" / "hessians.json").unlink()
     # a truncated file is refused with the fix
+    assert run("hessians", "--model", src, "--output", tmp_path / "h", "--layers", "0",
+               *data) == 0
     layer0 = tmp_path / "h" / "layer_000.safetensors"
     layer0.write_bytes(layer0.read_bytes()[:100])
     code = run("quip", "--model", src, "--output", tmp_path / "q", "--hessians",

@@ -15,7 +15,7 @@ if [ -n "${PLAN_BUDGET:-}" ]; then
   fi
   plan_args=(--plan "$PLAN")
 fi
-"$CASP" aqlm --model "$MODEL" --output "$OUTPUT" "${plan_args[@]}" \
+"$CASP" aqlm --model "$MODEL" --output "$OUTPUT" ${plan_args[@]+"${plan_args[@]}"} \
   --codebooks "$CODEBOOKS" --in-group-size "$IN_GROUP_SIZE" --beam-size "$BEAM_SIZE" \
   --max-rounds "$MAX_ROUNDS" --steps-per-round "$STEPS_PER_ROUND" --lr "$LR" \
   --tolerance "$TOLERANCE" --finetune-steps "$FINETUNE_STEPS" "${calib[@]}" \

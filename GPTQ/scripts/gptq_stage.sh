@@ -13,11 +13,11 @@ if [ -n "${PLAN_BUDGET:-}" ]; then
   if [ ! -f "$PLAN" ]; then
     "$CASP" allocate --model "$MODEL" --output "$PLAN" --budget "$PLAN_BUDGET" \
       --bits "$ALLOWED_BITS" --group-size "$GROUP_SIZE" --factor-bits "$FACTOR_BITS" \
-      --factor-group-size "$FACTOR_GROUP_SIZE" --importance "$IMPORTANCE" "${order[@]}" \
+      --factor-group-size "$FACTOR_GROUP_SIZE" --importance "$IMPORTANCE" ${order[@]+"${order[@]}"} \
       "${calib[@]}"
   fi
   plan_args=(--plan "$PLAN")
 fi
-"$CASP" gptq --model "$MODEL" --output "$OUTPUT" "${plan_args[@]}" \
-  --bits "$BITS" --group-size "$GROUP_SIZE" --damp "$DAMP" "${order[@]}" "${calib[@]}" \
+"$CASP" gptq --model "$MODEL" --output "$OUTPUT" ${plan_args[@]+"${plan_args[@]}"} \
+  --bits "$BITS" --group-size "$GROUP_SIZE" --damp "$DAMP" ${order[@]+"${order[@]}"} "${calib[@]}" \
   ${EXTRA:-}

@@ -183,14 +183,24 @@ class QuIPSetting:
         return SETTINGS[key]
 
     def check(self, out_features: int, in_features: int, name: str = "the module") -> None:
+        from .hadamard import decompose
+
         if in_features % DIM:
             raise CaspError(f"QuIP# codebooks quantize groups of {DIM} inputs, which do not "
                             f"divide {name}'s {in_features} inputs (for low-rank factors, rerun "
                             f"casp lowrank with --rank-multiple {DIM})")
+        for n in (in_features, out_features):
+            try:
+                decompose(n)
+            except ValueError as exc:
+                raise CaspError(f"{name}: no fast orthogonal transform for dimension {n} ({exc}); "
+                                "QuIP# cannot quantize it")
 
     def cost(self, out_features: int, in_features: int) -> int:
-        """Stored bits: the codes, one sign bit per input and per output, a float32 scale."""
-        return out_features * in_features * self.bits + in_features + out_features + 32
+        """Stored bits: the codes, the sign bits of the inputs and outputs (packed in whole
+        bytes), a float32 scale."""
+        signs = 8 * (-(-in_features // 8) + -(-out_features // 8))
+        return out_features * in_features * self.bits + signs + 32
 
     def plan_entry(self) -> dict:
         return {"group_size": DIM, "quip_codebook": self.name}

@@ -176,6 +176,9 @@ def fwht_torch(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(shape)
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)    # what the CUDA kernel takes
+
+
 def _fast_kernel():
     try:
         from fast_hadamard_transform import hadamard_transform
@@ -187,13 +190,13 @@ def _fast_kernel():
 def fwht(x: torch.Tensor, scale: float = 1.0, use_kernel: bool | None = None) -> torch.Tensor:
     """scale * Walsh-Hadamard transform along the last dimension (a power of two). On CUDA
     the ``fast_hadamard_transform`` kernel runs it when installed (``use_kernel`` None:
-    whenever possible; False: never)."""
+    whenever possible, i.e. for float32/float16/bfloat16 on CUDA; False: never)."""
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"Walsh-Hadamard transform of length {n}: not a power of two")
     if n == 1:
         return x * scale
-    if use_kernel is not False and x.is_cuda:
+    if use_kernel is not False and x.is_cuda and x.dtype in KERNEL_DTYPES:
         kernel = _fast_kernel()
         if kernel is not None:
             return kernel(x.contiguous(), scale)

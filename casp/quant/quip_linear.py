@@ -176,6 +176,7 @@ def described_bits(d: dict) -> int:
     """Stored bits of a QuIP# module from its description."""
     setting = QuIPSetting.parse(d["codebook"])
     bits = setting.cost(d["out_features"], d["in_features"])
-    if d.get("real_signs"):
-        bits += 15 * (d["in_features"] + d["out_features"])       # fp16 instead of 1 bit
+    if d.get("real_signs"):                    # fp16 vectors instead of packed sign bits
+        n_in, n_out = d["in_features"], d["out_features"]
+        bits += 16 * (n_in + n_out) - 8 * (-(-n_in // 8) + -(-n_out // 8))
     return bits

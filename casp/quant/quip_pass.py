@@ -84,22 +84,51 @@ def load_hessian(root: Path, index: int, name: str) -> torch.Tensor:
         raise CaspError(f"no Hessians for layer {index} in {root}; run casp hessians (or "
                         "quip-sharp/scripts/hfize_*.sh) on this very model first")
     try:
-        fh = safe_open(str(path), "pt")
-        aliases = json.loads(fh.metadata()["aliases"])
+        with safe_open(str(path), "pt") as fh:
+            aliases = json.loads(fh.metadata()["aliases"])
+            packed = fh.get_tensor(aliases[name]) if name in aliases else None
     except Exception as exc:                          # truncated or not a Hessian file
         raise CaspError(f"{path} is not a readable Hessian file ({str(exc)[:120]}); delete it "
                         "and rerun casp hessians, which recomputes the missing layers")
-    with fh:
-        if name not in aliases:
-            raise CaspError(f"{root} has no Hessian for layer {index}'s {name}: it was computed "
-                            "on another model (e.g. before the low-rank stage); recompute it")
-        packed = fh.get_tensor(aliases[name])
+    if packed is None:
+        raise CaspError(f"{root} has no Hessian for layer {index}'s {name}: it was computed on "
+                        "another model (e.g. before the low-rank stage); recompute it")
     n = int(round(((8 * packed.numel() + 1) ** 0.5 - 1) / 2))
+    upper = torch.ones(n, n, dtype=torch.bool).triu_()       # row by row, as packed
     h = torch.zeros(n, n, dtype=torch.float32)
-    rows, cols = torch.triu_indices(n, n)
-    h[rows, cols] = packed
-    h[cols, rows] = packed
-    return h
+    h[upper] = packed
+    return h + torch.triu(h, 1).T
+
+
+def model_identity(model: str) -> dict:
+    """What identifies the weights Hessians are computed from: the model as given to
+    --model (a resolved path, or the name) and the fingerprints of the casp stages that
+    made it."""
+    from ..checkpoint import read_casp_section
+
+    path = Path(model)
+    section = read_casp_section(path) if path.is_dir() else None
+    stages = [s.get("fingerprint") for s in (section or {}).get("stages", [])]
+    return {"source": str(path.resolve()) if path.exists() else model, "stages": stages}
+
+
+def check_hessian_dir(root: Path, identity: dict, writing: bool) -> None:
+    """Refuse Hessians of other weights: ``hessians.json`` in the directory records the
+    model identity they were computed from (written with the first layer)."""
+    record = root / HESSIAN_INDEX
+    if not record.is_file():
+        if writing:
+            root.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"model": identity}, indent=1) + "\n")
+            return
+        raise CaspError(f"{root} has no {HESSIAN_INDEX}: it was not written by casp hessians; "
+                        "compute the Hessians with casp hessians")
+    found = json.loads(record.read_text()).get("model")
+    if found != identity:
+        what = "adds to" if writing else "uses"
+        raise CaspError(f"{root} holds Hessians of other weights ({found.get('source')}, stages "
+                        f"{found.get('stages')}); this run {what} {identity['source']} (stages "
+                        f"{identity['stages']}): choose another directory or delete it")
 
 
 class QuIPPass(LayerPass):
@@ -147,7 +176,9 @@ class QuIPPass(LayerPass):
     def settings(self) -> dict:
         return {"codebook": self.codebook.name, "plan": self.plan_id,
                 "hessians": str(self.hessians) if self.hessians else None,
-                "sigma_reg": self.sigma_reg, "true_sequential": self.true_sequential,
+                "sigma_reg": self.sigma_reg,
+                # with offline Hessians the order of quantization changes nothing
+                "true_sequential": None if self.hessians else self.true_sequential,
                 "finetune_steps": self.finetune_steps, "finetune_lr": self.finetune_lr,
                 "seed": self.seed}
 

@@ -14,9 +14,9 @@ if [ "${HESSIANS_ONLY:-0}" = 1 ]; then
 fi
 hessian_args=()
 if [ -n "${HESSIANS:-}" ]; then
-  if [ ! -d "$HESSIANS" ] || [ -z "$(ls "$HESSIANS"/layer_*.safetensors 2>/dev/null)" ]; then
-    "$CASP" hessians --model "$MODEL" --output "$HESSIANS" "${calib[@]}"
-  fi
+  # computes what is missing (finished layers are kept; a directory of another model is
+  # refused), so an interrupted Hessian run is completed here
+  "$CASP" hessians --model "$MODEL" --output "$HESSIANS" "${calib[@]}"
   hessian_args=(--hessians "$HESSIANS")
 fi
 plan_args=()
@@ -29,6 +29,7 @@ if [ -n "${PLAN_BUDGET:-}" ]; then
   fi
   plan_args=(--plan "$PLAN")
 fi
-"$CASP" quip --model "$MODEL" --output "$OUTPUT" "${plan_args[@]}" "${hessian_args[@]}" \
+"$CASP" quip --model "$MODEL" --output "$OUTPUT" ${plan_args[@]+"${plan_args[@]}"} \
+  ${hessian_args[@]+"${hessian_args[@]}"} \
   --codebook "$CODEBOOK" --sigma-reg "$SIGMA_REG" --finetune-steps "$FINETUNE_STEPS" \
   "${calib[@]}" ${EXTRA:-}
