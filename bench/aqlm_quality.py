@@ -23,15 +23,15 @@ reused, so an interrupted benchmark resumes. Writes bench/results/aqlm_quality.j
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_quality import (MODEL, RESULTS, ROOT, avg_bits_of, calib_flags, casp,  # noqa: E402
-                          evaluate, peak_of, row, stage_seconds)
+from gptq_quality import (MODEL, ROOT, avg_bits_of, calib_flags, casp,  # noqa: E402
+                          evaluate, peak_of, quality_parser, row, stage_seconds,
+                          write_results)
 
 CODEBOOK_MAP = "2=2x8,3=3x8,4=4x8"
 ALLOWED_BITS = "2,3,4"
@@ -114,9 +114,7 @@ def run(args) -> list[dict]:
 
 def write(rows: list[dict], args) -> None:
     """Results so far (each finished method), so that a long run reports as it goes."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "aqlm_quality.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "aqlm_quality.md").write_text(table(rows, args))
+    write_results("aqlm_quality", rows, table(rows, args))
 
 
 def table(rows: list[dict], args) -> str:
@@ -153,11 +151,7 @@ def table(rows: list[dict], args) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
-    p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    p = quality_parser(__doc__)
     p.add_argument("--steps-per-round", type=int, default=10,
                    help="Adam steps per round (default 10 here, for CPU time; casp's default "
                         "is 100)")

@@ -109,6 +109,24 @@ def row(method: str, avg_bits, ppl: dict, quant_seconds, peak, checkpoint: Path 
     return rows
 
 
+def quality_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags the SmolLM2 quality benchmarks share (the same calibration and evaluation
+    for every quantizer)."""
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    return p
+
+
+def write_results(name: str, rows: list[dict], markdown: str) -> None:
+    """bench/results/<name>.json (the rows) and .md (the table)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+
+
 def avg_bits_of(checkpoint: Path) -> float:
     from casp.allocation import average_bits
     from casp.checkpoint import read_casp_section
@@ -231,11 +249,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
-    p.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    p = quality_parser(__doc__)
     p.add_argument("--ablations", nargs="+", default=["w2g128"],
                    help="budgets (tags such as w2g128, w3g128, w4g128) at which to run the "
                         "ablations, or 'all' (default: w2g128)")
@@ -243,9 +257,7 @@ def main() -> None:
                    help="where checkpoints and logs go (reused by a rerun)")
     args = p.parse_args()
     rows = run(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gptq_quality.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "gptq_quality.md").write_text(table(rows, args))
+    write_results("gptq_quality", rows, table(rows, args))
     plot(rows, RESULTS / "gptq_quality.png")
     print(table(rows, args))
 

@@ -126,7 +126,7 @@ def codebook_quantizer(codebooks: dict | None) -> str:
     """Which quantizer a codebook map is for ("gptq" when there is none)."""
     if not codebooks:
         return "gptq"
-    return getattr(next(iter(codebooks.values())), "quantizer", "aqlm")
+    return next(iter(codebooks.values())).quantizer
 
 
 QUANTIZER_LABELS = {"gptq": "GPTQ", "aqlm": "AQLM", "quip": "QuIP#"}
@@ -511,7 +511,7 @@ def format_plan_table(plan: BitPlan) -> str:
     m = plan.meta
     books = m.get("codebooks")
     if books:
-        label = QUANTIZER_LABELS.get(m.get("quantizer", "aqlm"), "AQLM")
+        label = QUANTIZER_LABELS[m.get("quantizer", "aqlm")]
         factors = ("same as the layer" if m["factor_bits"] is None else
                    f"{m['factor_bits']} bits = {label} {books[str(m['factor_bits'])]}")
         setting = f"{label} " + ", ".join(f"{b} bits = {s}" for b, s in books.items())

@@ -243,9 +243,9 @@ def _early_output_check(args, stage: str, passes) -> bool:
 
 
 def cmd_allocate(args) -> int:
-    from .allocation import (ImportancePass, allocate, format_plan_table, parse_budget,
-                             parse_codebook_map, plot_plan, uniform_average_bits,
-                             uniform_setting_bits)
+    from .allocation import (QUANTIZER_LABELS, ImportancePass, allocate, format_plan_table,
+                             parse_budget, parse_codebook_map, plot_plan,
+                             uniform_average_bits, uniform_setting_bits)
     from .quant.gptq import check_bits
     from .loading import load_pretrained, resolve_device
     from .pipeline import run_stage
@@ -280,8 +280,8 @@ def cmd_allocate(args) -> int:
               f"dense model stores {budget:.4f} average bits")
     elif uniform is not None:
         budget = uniform_setting_bits(loaded.model, loaded.spec, uniform, dense=True)
-        label = "QuIP#" if getattr(uniform, "quantizer", "aqlm") == "quip" else "AQLM"
-        print(f"budget {args.budget}: uniform {label} {uniform.name} on the dense model stores "
+        print(f"budget {args.budget}: uniform {QUANTIZER_LABELS[uniform.quantizer]} "
+              f"{uniform.name} on the dense model stores "
               f"{budget:.4f} average bits")
     plan = allocate(loaded.model, loaded.spec, importance.scores, budget, bits,
                     group_size=args.group_size,
@@ -406,19 +406,16 @@ def _eval_ppl(loaded, dataset, split, seqlen, max_windows, device, text_field="t
 def cmd_quip(args) -> int:
     from .quant.quip_pass import QuIPPass
 
-    plan = _quantizer_plan(args, "quip")
-    if args.hessians:
-        from .quant.quip_pass import check_hessian_dir, model_identity
+    from .quant.quip_pass import check_hessian_dir, model_identity
 
-        if not Path(args.hessians).is_dir():
-            raise CaspError(f"Hessian directory {args.hessians} does not exist; compute it with "
-                            "casp hessians (quip-sharp/scripts/hfize_*.sh)")
-        check_hessian_dir(Path(args.hessians), model_identity(args.model), writing=False)
+    plan = _quantizer_plan(args, "quip")
     quip = QuIPPass(args.codebook, plan=plan.modules if plan else None,
                     plan_id=plan.fingerprint() if plan else None, hessians=args.hessians,
                     sigma_reg=args.sigma_reg, true_sequential=args.true_sequential,
                     finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                     seed=args.sign_seed)
+    if quip.hessians is not None:        # the pass checked it exists; now whose they are
+        check_hessian_dir(quip.hessians, model_identity(args.model), writing=False)
     return _run_quantizer(args, "quip", quip, plan, None, None)
 
 

@@ -54,6 +54,8 @@ class AQLMSetting:
     nbits: int
     in_group_size: int = 8
 
+    quantizer = "aqlm"          # which pass runs it (not a field)
+
     def __post_init__(self):
         if not 1 <= self.num_codebooks <= MAX_CODEBOOKS:
             raise CaspError(f"AQLM setting {self.name}: 1 to {MAX_CODEBOOKS} codebooks are "

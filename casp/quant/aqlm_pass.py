@@ -13,12 +13,12 @@ from ..errors import CaspError
 from ..layerwise import LayerContext, LayerPass
 from .aqlm import AQLMSetting, aqlm_quantize
 from .aqlm_linear import AQLMLinear
-from .common import checked_groups, finetune_layer, quantize_in_order
+from .common import PlannedPass, checked_groups, finetune_layer, quantize_in_order
 
 log = logging.getLogger("casp")
 
 
-class AQLMPass(LayerPass):
+class AQLMPass(PlannedPass, LayerPass):
     """Args:
         setting: the codebook setting of every module the plan does not name.
         plan: {full module name: {"codebooks": "2x8", "group_size": 8, ...}} (a bit plan
@@ -35,6 +35,7 @@ class AQLMPass(LayerPass):
     """
 
     name = "aqlm"
+    setting_type, plan_key, label = AQLMSetting, "codebooks", "AQLM"
 
     def __init__(self, setting: AQLMSetting | str = "2x8", plan: dict[str, dict] | None = None,
                  plan_id: str | None = None, beam_size: int = 1, max_rounds: int = 100,
@@ -48,18 +49,13 @@ class AQLMPass(LayerPass):
         if not 0 <= tolerance < 1:
             raise CaspError(f"relative tolerance {tolerance} is outside [0, 1); the usual value "
                             "is 0.01")
-        self.plan = dict(plan or {})
-        self.plan_id = plan_id
+        self.use_plan(plan, plan_id)
         self.beam_size, self.max_rounds, self.steps_per_round = beam_size, max_rounds, steps_per_round
         self.lr, self.tolerance, self.kmeans_iterations = lr, tolerance, kmeans_iterations
         self.kmeans_max_points = kmeans_max_points
         self.true_sequential = true_sequential
         self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
         self.seed = seed
-        for name, entry in self.plan.items():
-            if "codebooks" not in entry:
-                raise CaspError(f"the plan gives {name} no AQLM codebooks (it was made for "
-                                "GPTQ); make it with casp allocate --quantizer aqlm")
 
     def settings(self) -> dict:
         return {"setting": self.setting.name, "plan": self.plan_id, "beam_size": self.beam_size,
@@ -69,10 +65,6 @@ class AQLMPass(LayerPass):
                 "kmeans_max_points": self.kmeans_max_points,
                 "true_sequential": self.true_sequential, "finetune_steps": self.finetune_steps,
                 "finetune_lr": self.finetune_lr, "seed": self.seed}
-
-    def module_setting(self, full_name: str) -> AQLMSetting:
-        entry = self.plan.get(full_name)
-        return AQLMSetting.from_plan_entry(entry) if entry else self.setting
 
     def process(self, ctx: LayerContext) -> None:
         groups = checked_groups(ctx, self.module_setting)

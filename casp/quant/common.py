@@ -54,6 +54,30 @@ def quantizable_linears(model: nn.Module, spec: ModelSpec) -> dict[str, nn.Linea
     return result
 
 
+class PlannedPass:
+    """What a codebook quantizer pass shares about its bit plan: each module's setting is
+    the plan's entry (``plan_key``, parsed by ``setting_type.from_plan_entry``) or the
+    pass's own ``self.setting``. Mixed into a LayerPass."""
+
+    setting_type: type
+    plan_key: str
+    label: str
+
+    def use_plan(self, plan: dict[str, dict] | None, plan_id: str | None) -> None:
+        """Take the plan, refusing one made for another quantizer."""
+        self.plan = dict(plan or {})
+        self.plan_id = plan_id
+        for name, entry in self.plan.items():
+            if self.plan_key not in entry:
+                raise CaspError(f"the plan gives {name} no {self.label} codebook (it was made "
+                                "for another quantizer); make it with casp allocate "
+                                f"--quantizer {self.name}")
+
+    def module_setting(self, full_name: str):
+        entry = self.plan.get(full_name)
+        return self.setting_type.from_plan_entry(entry) if entry else self.setting
+
+
 def checked_groups(ctx, module_setting) -> list[list[str]]:
     """The layer's quantization groups, after checking every module's shape against the
     setting ``module_setting(full name)`` gives it (bad shapes refused before any work)."""

@@ -276,12 +276,11 @@ def transform(x: torch.Tensor, transpose: bool = False, use_kernel: bool | None 
 
 def transform_matrix(n: int) -> torch.Tensor:
     """The explicit n x n matrix M (float64), for checks."""
-    d = decompose(n)
-    pw = 1 << d.log2_pow
-    walsh = np.ones((1, 1))
-    for _ in range(d.log2_pow):
-        walsh = np.kron(np.array([[1, 1], [1, -1]]), walsh)
-    return torch.from_numpy(np.kron(_base_matrix(n).numpy(), walsh / math.sqrt(pw)))
+    import scipy.linalg
+
+    pw = 1 << decompose(n).log2_pow
+    walsh = scipy.linalg.hadamard(pw) / math.sqrt(pw)          # Sylvester order, as fwht
+    return torch.from_numpy(np.kron(_base_matrix(n).numpy(), walsh))
 
 
 # ----------------------------------------------------------------------------- random signs

@@ -158,10 +158,7 @@ def quip_quantize(weight: torch.Tensor, hessian: torch.Tensor, setting: QuIPSett
         raise CaspError("the weight is all zeros or not finite; nothing to quantize")
     scale = float(torch.tensor(rms / setting.scale, dtype=torch.float32))   # as stored
 
-    def round_block(x):
-        return setting.round(x)
-
-    q, codes = block_ldlq(wr / scale, hr, round_block)
+    q, codes = block_ldlq(wr / scale, hr, setting.round)
     wr_hat = q * scale
     w_hat = unrotate_weight(wr_hat, s_in, s_out)
     h0 = hessian.double().to(device)

@@ -68,11 +68,11 @@ class QuIPLinear(StoredLinear):
         else:
             self.register_parameter("bias", None)
         self._train: list[nn.Parameter] | None = None
-        self._fp16_names = ("su", "sv", "scale") if real_signs else ("scale",)
 
     @property
     def fp16_buffers(self) -> tuple[str, ...]:       # type: ignore[override]
-        return getattr(self, "_fp16_names", ("scale",))
+        """Stored tensors dtype moves keep: the scale, and real-valued signs."""
+        return ("su", "sv", "scale") if self.real_signs else ("scale",)
 
     @classmethod
     def from_result(cls, result: QuIPResult, bias: torch.Tensor | None,
@@ -140,7 +140,6 @@ class QuIPLinear(StoredLinear):
         self._train = None
         if keep:
             self.real_signs = True
-            self._fp16_names = ("su", "sv", "scale")
             self.su = s_in.detach().half()
             self.sv = s_out.detach().half()
         if self._cached is not None:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..errors import CaspError
 from ..layerwise import LayerContext, LayerPass
-from .common import (checked_groups, finetune_layer, layer_quantization_groups,
+from .common import (PlannedPass, checked_groups, finetune_layer, layer_quantization_groups,
                      quantize_in_order)
 from .e8p import QuIPSetting
 from .quip import quip_quantize
@@ -30,6 +30,12 @@ from .quip_linear import QuIPLinear
 
 log = logging.getLogger("casp")
 HESSIAN_INDEX = "hessians.json"
+
+
+def _upper(n: int) -> torch.Tensor:
+    """The upper triangle (diagonal included) of an n x n matrix, row by row: the packing of
+    the stored Hessians."""
+    return torch.ones(n, n, dtype=torch.bool).triu_()
 
 
 def _layer_file(root: Path, index: int) -> Path:
@@ -63,9 +69,8 @@ class HessianPass(LayerPass):
                 aliases[name] = seen[id(gram)]
                 continue
             seen[id(gram)] = name
-            h = gram.mean().float()
-            rows, cols = torch.triu_indices(*h.shape)
-            tensors[name] = h[rows, cols].contiguous().cpu()
+            h = gram.mean().float().cpu()
+            tensors[name] = h[_upper(h.shape[0])]
             aliases[name] = name
         self.output.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -94,9 +99,8 @@ def load_hessian(root: Path, index: int, name: str) -> torch.Tensor:
         raise CaspError(f"{root} has no Hessian for layer {index}'s {name}: it was computed on "
                         "another model (e.g. before the low-rank stage); recompute it")
     n = int(round(((8 * packed.numel() + 1) ** 0.5 - 1) / 2))
-    upper = torch.ones(n, n, dtype=torch.bool).triu_()       # row by row, as packed
     h = torch.zeros(n, n, dtype=torch.float32)
-    h[upper] = packed
+    h[_upper(n)] = packed
     return h + torch.triu(h, 1).T
 
 
@@ -131,7 +135,7 @@ def check_hessian_dir(root: Path, identity: dict, writing: bool) -> None:
                         f"{identity['stages']}): choose another directory or delete it")
 
 
-class QuIPPass(LayerPass):
+class QuIPPass(PlannedPass, LayerPass):
     """Args:
         codebook: the codebook of every module the plan does not name (e8p12: 2 bits,
             e8p12rvq3b: 3 bits, e8p12rvq4b: 4 bits).
@@ -150,41 +154,33 @@ class QuIPPass(LayerPass):
     """
 
     name = "quip"
+    setting_type, plan_key, label = QuIPSetting, "quip_codebook", "QuIP#"
 
     def __init__(self, codebook: QuIPSetting | str = "e8p12", plan: dict[str, dict] | None = None,
                  plan_id: str | None = None, hessians: str | Path | None = None,
                  sigma_reg: float = 0.01, true_sequential: bool = True,
                  finetune_steps: int = 0, finetune_lr: float = 1e-4, seed: int = 0):
-        self.codebook = QuIPSetting.parse(codebook) if isinstance(codebook, str) else codebook
+        self.setting = QuIPSetting.parse(codebook) if isinstance(codebook, str) else codebook
         if not 0 <= sigma_reg < 10:
             raise CaspError(f"--sigma-reg {sigma_reg} is outside [0, 10); QuIP#'s value is 0.01")
         if finetune_steps < 0:
             raise CaspError("--finetune-steps must be >= 0")
-        self.plan = dict(plan or {})
-        self.plan_id = plan_id
+        self.use_plan(plan, plan_id)
         self.hessians = Path(hessians) if hessians else None
         if self.hessians is not None and not self.hessians.is_dir():
             raise CaspError(f"Hessian directory {self.hessians} does not exist; compute it with "
                             "casp hessians (quip-sharp/scripts/hfize_*.sh)")
         self.sigma_reg, self.true_sequential = sigma_reg, true_sequential
         self.finetune_steps, self.finetune_lr, self.seed = finetune_steps, finetune_lr, seed
-        for name, entry in self.plan.items():
-            if "quip_codebook" not in entry:
-                raise CaspError(f"the plan gives {name} no QuIP# codebook (it was made for "
-                                "another quantizer); make it with casp allocate --quantizer quip")
 
     def settings(self) -> dict:
-        return {"codebook": self.codebook.name, "plan": self.plan_id,
+        return {"codebook": self.setting.name, "plan": self.plan_id,
                 "hessians": str(self.hessians) if self.hessians else None,
                 "sigma_reg": self.sigma_reg,
                 # with offline Hessians the order of quantization changes nothing
                 "true_sequential": None if self.hessians else self.true_sequential,
                 "finetune_steps": self.finetune_steps, "finetune_lr": self.finetune_lr,
                 "seed": self.seed}
-
-    def module_setting(self, full_name: str) -> QuIPSetting:
-        entry = self.plan.get(full_name)
-        return QuIPSetting.from_plan_entry(entry) if entry else self.codebook
 
     def process(self, ctx: LayerContext) -> None:
         groups = checked_groups(ctx, self.module_setting)
