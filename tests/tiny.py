@@ -2,6 +2,7 @@
 with a word-level tokenizer and (for LLaVA) a real processor, saved as HF directories."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -97,6 +98,27 @@ def llava_processor(tokenizer, kind: str = "llava"):
         **common)
 
 
+VIDEO_PROCESSOR = {   # LLaVA-NeXT-Video-7B-hf's video settings at this model's 28 x 28
+    "video_processor_type": "LlavaNextVideoVideoProcessor", "size": {"shortest_edge": 28},
+    "crop_size": {"height": 28, "width": 28}, "default_to_square": False, "do_resize": True,
+    "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "do_convert_rgb": True,
+    "do_sample_frames": False}
+
+
+def save_video_processor(tokenizer, directory: Path) -> None:
+    """LLaVA-NeXT-Video's processor files as transformers 5 writes them (one
+    processor_config.json). Written by hand: its video processor needs torchvision, which the
+    CPU build here lacks, so transformers cannot build the processor to save it."""
+    llava_processor(tokenizer, "llava_next").save_pretrained(directory)
+    path = Path(directory) / "processor_config.json"
+    config = json.loads(path.read_text())
+    config.update(processor_class="LlavaNextVideoProcessor", video_token="<video>",
+                  video_processor=VIDEO_PROCESSOR)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_tiny(kind: str, directory: Path, seed: int = 0, layers: int = 3, context: int = 256
               ) -> Path:
     model = build_model(kind, seed, layers, context)
@@ -104,6 +126,8 @@ def save_tiny(kind: str, directory: Path, seed: int = 0, layers: int = 3, contex
     tokenizer = tiny_tokenizer()
     if kind in ("llava", "llava_next"):
         llava_processor(tokenizer, kind).save_pretrained(directory)
+    elif kind == "llava_next_video":
+        save_video_processor(tokenizer, directory)
     else:
         tokenizer.save_pretrained(directory)
     return directory

@@ -4,7 +4,8 @@
 # interruption resumes from the last finished layer.
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
 calib=(--dataset "$DATASET" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed "$SEED"
-       --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE")
+       --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE"
+       ${mm_calib[@]+"${mm_calib[@]}"})
 plan_args=()
 if [ -n "${PLAN_BUDGET:-}" ]; then
   PLAN=${PLAN:-$OUTPUT.plan.json}

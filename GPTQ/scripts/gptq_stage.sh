@@ -3,7 +3,8 @@
 # (CASP_GPTQ); without, every module gets BITS/GROUP_SIZE (the baseline).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
 calib=(--dataset "$DATASET" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed "$SEED"
-       --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE")
+       --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE"
+       ${mm_calib[@]+"${mm_calib[@]}"})
 order=(--act-order)
 [ "${ACT_ORDER:-1}" = 0 ] && order=(--no-act-order)
 [ "${STATIC_GROUPS:-0}" = 1 ] && order+=(--static-groups)

@@ -12,4 +12,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
   --batch-size "$BATCH_SIZE" \
   --device "$DEVICE" \
   --dtype "$DTYPE" \
+  ${mm_calib[@]+"${mm_calib[@]}"} \
   ${EXTRA:-}

@@ -8,6 +8,7 @@ import torch
 from ..errors import CaspError
 from .multimodal import load_llava_instruct, sample_inputs
 from .text import load_documents, random_windows, tokenize_documents
+from .video import DEFAULT_NUM_FRAMES
 
 
 @dataclass
@@ -21,9 +22,13 @@ class CalibrationConfig:
     text_field: str = "text"
     mm_data: str | None = None       # LLaVA-Instruct JSON: calibrate with images
     image_root: str | None = None
+    num_frames: int = DEFAULT_NUM_FRAMES   # frames kept per video sample (the paper's 8)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        settings = dict(self.__dict__)
+        if not self.mm_data:     # frames mean nothing to text: text stages keep their keys
+            settings.pop("num_frames")
+        return settings
 
 
 def model_context_length(model) -> int | None:
@@ -44,7 +49,8 @@ def calibration_batches(loaded, cfg: CalibrationConfig) -> list[dict]:
     if cfg.mm_data:
         if not loaded.spec.multimodal:
             raise CaspError(f"--mm-data needs a multimodal model; {loaded.spec.name} takes text only")
-        samples = load_llava_instruct(cfg.mm_data, cfg.image_root, cfg.nsamples, cfg.seed)
+        samples = load_llava_instruct(cfg.mm_data, cfg.image_root, cfg.nsamples, cfg.seed,
+                                      cfg.num_frames)
         return [sample_inputs(s, loaded.processor) for s in samples]
     check_seqlen(loaded.model, cfg.seqlen)
     ids = tokenize_documents(loaded.tokenizer,

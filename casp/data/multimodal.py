@@ -7,7 +7,8 @@ A file is a JSON list of records such as
                        {"from": "gpt", "value": "circle"}]}
 
 ``image`` may also be a list of paths (several images), and ``video`` a list of frame
-paths or a directory of frames (LLaVA-NeXT-Video). Paths are relative to ``image_root``.
+paths or a directory of frames (LLaVA-NeXT-Video), of which ``num_frames`` (8, the
+paper's) evenly spread frames are kept. Paths are relative to ``image_root``.
 Each sample becomes one calibration batch: the processor expands the image placeholder into
 the image's tokens, and the vision tower and projector run inside the model's own forward.
 """
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CaspError
+from .video import DEFAULT_NUM_FRAMES, uniform_frames
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -38,8 +41,10 @@ def _paths(value, root: Path) -> list[Path]:
     out = []
     for item in items:
         p = root / item
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        if p.is_dir():   # frames in natural order: frame_2 before frame_10
+            out += sorted((q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES),
+                          key=lambda q: [int(t) if t.isdigit() else t
+                                         for t in re.split(r"(\d+)", q.name)])
         elif p.is_file():
             out.append(p)
         else:
@@ -48,9 +53,25 @@ def _paths(value, root: Path) -> list[Path]:
     return out
 
 
+def _frames(value, root: Path, num_frames: int) -> list[Path]:
+    frames = _paths(value, root)
+    files = [p for p in frames if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if files:
+        raise CaspError(f"video {files[0]} is not an image: casp does not decode video files; "
+                        "give the video as a directory or a list of frame images")
+    return uniform_frames(frames, num_frames)
+
+
 def load_llava_instruct(path: str | Path, image_root: str | Path | None = None,
-                        nsamples: int | None = None, seed: int = 0) -> list[MultimodalSample]:
-    """Read LLaVA-Instruct JSON (a list, or JSON lines); pick ``nsamples`` at random."""
+                        nsamples: int | None = None, seed: int = 0,
+                        num_frames: int = DEFAULT_NUM_FRAMES) -> list[MultimodalSample]:
+    """Read LLaVA-Instruct JSON (a list, or JSON lines); pick ``nsamples`` at random; keep
+    ``num_frames`` of each video's frames, evenly spread. ``easy-vqa`` (or
+    ``easy-vqa:test``) names the built-in easy-vqa training (test) questions instead of a file."""
+    if str(path).startswith("easy-vqa"):
+        from .easy_vqa import instruct_samples
+
+        return instruct_samples(str(path), nsamples, seed)
     path = Path(path)
     if not path.is_file():
         raise CaspError(f"multimodal calibration file {path} does not exist; check the path")
@@ -73,7 +94,7 @@ def load_llava_instruct(path: str | Path, image_root: str | Path | None = None,
         samples.append(MultimodalSample(
             conversations=rec["conversations"], id=str(rec.get("id", i)),
             images=_paths(rec["image"], root) if rec.get("image") else [],
-            video=_paths(rec["video"], root) if rec.get("video") else []))
+            video=_frames(rec["video"], root, num_frames) if rec.get("video") else []))
     return samples
 
 
@@ -93,6 +114,29 @@ def conversation_prompt(sample: MultimodalSample, image_token: str, video_token:
     return text
 
 
+def templated_prompt(sample: MultimodalSample, processor) -> str | None:
+    """The conversation in the model's own chat template (what it was trained on), with
+    each ``<image>`` / ``<video>`` placeholder as a media part; None when the template
+    cannot render it (the LLaVA-1.5 style text is used then)."""
+    messages = []
+    for t, turn in enumerate(sample.conversations):
+        role = "user" if turn.get("from") in ("human", "user") else "assistant"
+        value = turn.get("value", "")
+        parts = [{"type": "image"}] * value.count("<image>")
+        parts += [{"type": "video"}] * value.count("<video>")
+        if t == 0:   # media the text does not place go first, as conversation_prompt does
+            if sample.images and not value.count("<image>"):
+                parts.insert(0, {"type": "image"})
+            if sample.video and not value.count("<video>"):
+                parts.insert(0, {"type": "video"})
+        text = value.replace("<image>", "").replace("<video>", "").strip()
+        messages.append({"role": role, "content": parts + [{"type": "text", "text": text}]})
+    try:
+        return processor.apply_chat_template(messages, add_generation_prompt=False)
+    except Exception:   # a template that does not take this conversation's shape
+        return None
+
+
 def sample_inputs(sample: MultimodalSample, processor) -> dict:
     """Model inputs (tensors, batch of one) for one sample."""
     from PIL import Image
@@ -102,8 +146,12 @@ def sample_inputs(sample: MultimodalSample, processor) -> dict:
                         "directory that includes preprocessor files")
     image_token = getattr(processor, "image_token", "<image>")
     video_token = getattr(processor, "video_token", "<video>")
-    kwargs = {"text": [conversation_prompt(sample, image_token, video_token)],
-              "return_tensors": "pt"}
+    text = None
+    if getattr(processor, "chat_template", None):
+        text = templated_prompt(sample, processor)
+    if text is None:
+        text = conversation_prompt(sample, image_token, video_token)
+    kwargs = {"text": [text], "return_tensors": "pt"}
     if sample.images:
         kwargs["images"] = [Image.open(p).convert("RGB") for p in sample.images]
     if sample.video:

@@ -7,7 +7,8 @@
 #   either step are kept).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
 calib=(--dataset "$DATASET" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed "$SEED"
-       --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE")
+       --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE"
+       ${mm_calib[@]+"${mm_calib[@]}"})
 if [ "${HESSIANS_ONLY:-0}" = 1 ]; then
   "$CASP" hessians --model "$MODEL" --output "$OUTPUT" "${calib[@]}" ${EXTRA:-}
   return 0 2>/dev/null || exit 0

@@ -1,0 +1,236 @@
+"""Benchmark: GPTQ vs CASP_GPTQ (and QuIP# / AQLM rows) on the mini LLaVA, a real small
+multimodal model (DINOv2 ViT-S/14 + trained projector + SmolLM2-135M-Instruct).
+
+For each uniform GPTQ setting (2-bit g128, 3-bit g128) the uniform model's average bits are
+the budget of CASP_GPTQ: whitened low-rank W_q/W_k (75%, ranks multiple of 8) + block
+influence allocation (widths {2,3,4,5}, factors 3-bit per channel) + GPTQ with the plan.
+Every stage is calibrated with easy-vqa training samples (image + question + answer through
+the vision tower and projector) unless the method ends in ``_text``: then every stage sees
+text only (Wikipedia windows), the paper's setting for the low-rank stage. Optional rows
+(--quip, --aqlm): uniform QuIP# E8P12 and CASP_QuIP# at its budget; uniform AQLM 2x8 and
+CASP_AQLM.
+
+Measured on easy-vqa's test split (a fixed random draw): answer accuracy (greedy generation,
+exact match after normalisation), answer perplexity given image and question, per question
+type; quantization time of all stages, peak RSS, checkpoint size. Every stage runs as its own
+casp process; finished checkpoints under --work are reused, so an interrupted run resumes.
+Writes bench/results/mini_llava_quality.json and .md.
+
+    .venv/bin/python bench/mini_llava_quality.py [--samples 500] [--quip] [--aqlm]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gptq_quality import (ROOT, avg_bits_of, casp, machine, peak_of,  # noqa: E402
+                          stage_seconds, write_results)
+
+MODEL = "mini-llava"
+MODEL_NAME = "mini LLaVA (DINOv2 ViT-S/14 + projector + SmolLM2-135M-Instruct)"
+ALLOWED_BITS = "2,3,4,5"
+
+
+def calib_flags(args, text: bool) -> list:
+    if text:
+        return ["--dataset", "wiki", "--split", "train", "--nsamples", args.text_nsamples,
+                "--seqlen", args.text_seqlen, "--seed", 3]
+    return ["--mm-data", "easy-vqa", "--nsamples", args.mm_nsamples, "--seed", 3]
+
+
+def evaluate(model, work: Path, args) -> dict:
+    out = work / f"vqa-{Path(str(model)).name}.json"
+    if not out.is_file():
+        casp("vqa", "--model", model, "--samples", args.samples, "--seed", 0, "--output", out,
+             log=work / "log.txt")
+    return json.loads(out.read_text())
+
+
+def row(method, avg_bits, res: dict, seconds, peak, checkpoint, args, **settings) -> dict:
+    from casp.checkpoint import checkpoint_size
+
+    size = checkpoint_size(checkpoint) if checkpoint else None
+    return {"model": MODEL_NAME, "method": method,
+            "avg_bits": None if avg_bits is None else round(avg_bits, 4),
+            "task": "easy-vqa-test", "accuracy": round(res["accuracy"], 4),
+            "answer_ppl": round(res["answer_ppl"], 4),
+            "accuracy_by_type": {k: round(v, 4) for k, v in res["accuracy_by_type"].items()},
+            "samples": res["samples"],
+            "quant_seconds": None if seconds is None else round(seconds, 1),
+            "peak_mem_gb": peak, "size_bytes": size["total_bytes"] if size else None,
+            "settings": {"eval_samples": args.samples, "eval_seed": 0, **settings},
+            "machine": machine(), "date": datetime.date.today().isoformat()}
+
+
+def run(args) -> list[dict]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    rows = [row("fp", None, evaluate(MODEL, work, args), None, None, None, args)]
+    write(rows, args)
+
+    lowranks = {}
+    for text in (False, True):
+        path = work / ("lowrank75-text" if text else "lowrank75-mm")
+        casp("lowrank", "--model", MODEL, "--output", path, "--compression", 0.75,
+             "--rank-multiple", 8, *calib_flags(args, text), log=log)
+        lowranks[text] = (path, stage_seconds(path, "lowrank"))
+
+    def calib_desc(text):
+        return (f"wiki text {args.text_nsamples}x{args.text_seqlen}" if text else
+                f"easy-vqa train {args.mm_nsamples} image+question+answer samples")
+
+    for bits in args.bits:
+        uniform = work / f"gptq-w{bits}g128"
+        casp("gptq", "--model", MODEL, "--output", uniform, "--bits", bits, "--group-size", 128,
+             *calib_flags(args, False), log=log)
+        budget = avg_bits_of(uniform)
+        rows.append(row("gptq", budget, evaluate(uniform, work, args),
+                        stage_seconds(uniform, "gptq"), peak_of(uniform), uniform, args,
+                        setting=f"w{bits}g128", calibration=calib_desc(False)))
+        write(rows, args)
+        for text in (False, True):
+            method = "casp_gptq_text" if text else "casp_gptq"
+            source, seconds = lowranks[text]
+            plan = work / f"plan-{method}-w{bits}.json"
+            if not plan.is_file():
+                casp("allocate", "--model", source, "--output", plan, "--budget",
+                     f"{bits}@128", "--bits", ALLOWED_BITS, "--factor-bits", 3,
+                     *calib_flags(args, text), log=log)
+            plan_data = json.loads(plan.read_text())
+            seconds += plan_data["importance"]["seconds"]
+            out = work / f"{method}-w{bits}g128"
+            casp("gptq", "--model", source, "--output", out, "--plan", plan,
+                 *calib_flags(args, text), log=log)
+            seconds += stage_seconds(out, "gptq")
+            rows.append(row(method, avg_bits_of(out), evaluate(out, work, args), seconds,
+                            peak_of(out), out, args, setting=f"budget of w{bits}g128",
+                            calibration=calib_desc(text),
+                            layer_bits=[l["bits"] for l in plan_data["layers"]]))
+            write(rows, args)
+
+    if args.quip:
+        uniform = work / "quip-e8p12"
+        casp("quip", "--model", MODEL, "--output", uniform, "--codebook", "e8p12",
+             *calib_flags(args, False), log=log)
+        rows.append(row("quip", avg_bits_of(uniform), evaluate(uniform, work, args),
+                        stage_seconds(uniform, "quip"), peak_of(uniform), uniform, args,
+                        setting="e8p12", calibration=calib_desc(False)))
+        write(rows, args)
+        source, seconds = lowranks[False]
+        plan = work / "plan-casp_quip.json"
+        if not plan.is_file():
+            casp("allocate", "--quantizer", "quip", "--model", source, "--output", plan,
+                 "--budget", "e8p12", "--bits", "2,3,4", "--factor-bits", 3,
+                 *calib_flags(args, False), log=log)
+        plan_data = json.loads(plan.read_text())
+        out = work / "casp_quip-e8p12"
+        casp("quip", "--model", source, "--output", out, "--plan", plan, "--codebook", "e8p12",
+             *calib_flags(args, False), log=log)
+        seconds += plan_data["importance"]["seconds"] + stage_seconds(out, "quip")
+        rows.append(row("casp_quip", avg_bits_of(out), evaluate(out, work, args), seconds,
+                        peak_of(out), out, args, setting="budget of e8p12",
+                        calibration=calib_desc(False),
+                        layer_bits=[l["bits"] for l in plan_data["layers"]]))
+        write(rows, args)
+
+    if args.aqlm:
+        aqlm_flags = ["--steps-per-round", args.aqlm_steps, "--max-rounds", args.aqlm_rounds]
+        uniform = work / "aqlm-2x8"
+        casp("aqlm", "--model", MODEL, "--output", uniform, "--codebooks", "2x8", *aqlm_flags,
+             *calib_flags(args, False), log=log)
+        rows.append(row("aqlm", avg_bits_of(uniform), evaluate(uniform, work, args),
+                        stage_seconds(uniform, "aqlm"), peak_of(uniform), uniform, args,
+                        setting="2x8 g8", calibration=calib_desc(False)))
+        write(rows, args)
+        source, seconds = lowranks[False]
+        plan = work / "plan-casp_aqlm.json"
+        if not plan.is_file():
+            casp("allocate", "--quantizer", "aqlm", "--model", source, "--output", plan,
+                 "--budget", "2x8", "--bits", "2,3,4", "--factor-bits", 3,
+                 *calib_flags(args, False), log=log)
+        plan_data = json.loads(plan.read_text())
+        out = work / "casp_aqlm-2x8"
+        casp("aqlm", "--model", source, "--output", out, "--plan", plan, *aqlm_flags,
+             *calib_flags(args, False), log=log)
+        seconds += plan_data["importance"]["seconds"] + stage_seconds(out, "aqlm")
+        rows.append(row("casp_aqlm", avg_bits_of(out), evaluate(out, work, args), seconds,
+                        peak_of(out), out, args, setting="budget of 2x8",
+                        calibration=calib_desc(False),
+                        layer_bits=[l["bits"] for l in plan_data["layers"]]))
+        write(rows, args)
+    return rows
+
+
+def write(rows: list[dict], args) -> None:
+    write_results("mini_llava_quality", rows, table(rows, args))
+
+
+def table(rows: list[dict], args) -> str:
+    lines = ["| method | setting | calibration | avg bits | easy-vqa accuracy | yes/no | shape | "
+             "color | answer PPL | time (s) | peak RSS (GB) | checkpoint (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["settings"]
+        t = r["accuracy_by_type"]
+        plan = s.get("layer_bits")
+        note = ""
+        if plan:
+            wide = {b: [i for i, x in enumerate(plan) if x == b]
+                    for b in sorted(set(plan)) if b != min(plan)}
+            note = " (" + "; ".join(f"{b} bits: layers {', '.join(map(str, v))}"
+                                    for b, v in wide.items()) + ")" if wide else ""
+        size = f"{r['size_bytes'] / 2**20:.1f}" if r["size_bytes"] else "-"
+        calib = "images" if "easy-vqa" in s.get("calibration", "") else (
+            "text" if s.get("calibration") else "-")
+        lines.append(f"| {r['method']} | {s.get('setting', '-')}{note} | {calib} | "
+                     f"{r['avg_bits'] if r['avg_bits'] is not None else '-'} | "
+                     f"{r['accuracy']:.4f} | {t.get('yes/no', 0):.3f} | {t.get('shape', 0):.3f} | "
+                     f"{t.get('color', 0):.3f} | {r['answer_ppl']:.3f} | "
+                     f"{r['quant_seconds'] or '-'} | {r['peak_mem_gb'] or '-'} | {size} |")
+    r0 = rows[0]
+    lines += ["", f"{MODEL_NAME}; easy-vqa test, {r0['samples']} questions drawn with seed 0 "
+              f"(greedy answers, exact match after normalisation; answer perplexity of the "
+              f"reference answers given image and question); calibration: "
+              f"{args.mm_nsamples} easy-vqa train samples (image + question + answer), or "
+              f"{args.text_nsamples} x {args.text_seqlen} tokens of wiki text for *_text rows; "
+              f"GPTQ act-order, damp 0.01, true-sequential; CASP: whitened low-rank W_q/W_k 75% "
+              f"(ranks multiple of 8), block-influence allocation over widths {ALLOWED_BITS}, "
+              f"factors 3-bit; time includes every stage; {r0['machine']}; {r0['date']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=500, help="test questions (default 500)")
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3],
+                   help="uniform GPTQ widths whose bits are the budgets (default: 2 3)")
+    p.add_argument("--mm-nsamples", type=int, default=128,
+                   help="image+text calibration samples (default 128)")
+    p.add_argument("--text-nsamples", type=int, default=32,
+                   help="text calibration windows for *_text rows (default 32)")
+    p.add_argument("--text-seqlen", type=int, default=512, help="their length (default 512)")
+    p.add_argument("--quip", action="store_true", help="add QuIP# E8P12 and CASP_QuIP# rows")
+    p.add_argument("--aqlm", action="store_true", help="add AQLM 2x8 and CASP_AQLM rows")
+    p.add_argument("--aqlm-steps", type=int, default=10,
+                   help="AQLM Adam steps per round (default 10, for CPU time)")
+    p.add_argument("--aqlm-rounds", type=int, default=8,
+                   help="AQLM rounds per module at most (default 8, for CPU time)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "mini_llava"),
+                   help="where checkpoints and logs go (reused by a rerun)")
+    args = p.parse_args()
+    start = time.perf_counter()
+    rows = run(args)
+    write(rows, args)
+    print(table(rows, args))
+    print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Multimodal evaluation on easy-vqa: answer accuracy and answer perplexity.
+
+- Accuracy: greedy generation from image + question (the model's chat template), the reply
+  normalised (lower case, first word, punctuation and articles dropped) and compared exactly
+  with the reference answer (13 possible answers).
+- Answer perplexity: exp of the mean negative log-likelihood of the reference answer's
+  tokens given image and question (teacher forcing), over all answers: the analogue of the
+  paper's LiveBench / LLaVA-Bench perplexities.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+from ..data.easy_vqa import VQARecord, normalize_answer, question_text
+from ..errors import CaspError
+
+
+def user_prompt(processor, record: VQARecord) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": question_text(record)}]}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    image_token = getattr(processor, "image_token", "<image>")
+    return f"USER: {image_token}\n{question_text(record)} ASSISTANT:"
+
+
+def _inputs(processor, records: list[VQARecord], texts: list[str]) -> dict:
+    from PIL import Image
+
+    images = [Image.open(r.image).convert("RGB") for r in records]
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def question_type(record: VQARecord) -> str:
+    if record.answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if record.answer in ("circle", "rectangle", "triangle") else "color"
+
+
+@torch.no_grad()
+def evaluate_vqa(model, processor, records: list[VQARecord], batch_size: int = 16,
+                 max_new_tokens: int = 4, desc: str = "easy-vqa") -> dict:
+    """Accuracy (generation, exact match) and answer perplexity on ``records``."""
+    if not records:
+        raise CaspError("no easy-vqa records to evaluate; give --samples > 0")
+    if processor is None:
+        raise CaspError("the model has no processor; multimodal evaluation needs a LLaVA model "
+                        "directory with its preprocessor files")
+    tok = processor.tokenizer
+    saved_side = tok.padding_side
+    device = next(model.parameters()).device
+    correct = 0
+    nll, n_tokens = 0.0, 0
+    by_type: Counter = Counter()
+    totals: Counter = Counter()
+    end_ids = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
+               if isinstance(i, int) and i >= 0]
+    try:
+        for start in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
+            chunk = records[start: start + batch_size]
+            prompts = [user_prompt(processor, r) for r in chunk]
+            # accuracy: greedy generation, left padded
+            tok.padding_side = "left"
+            inputs = {k: v.to(device) for k, v in _inputs(processor, chunk, prompts).items()}
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=end_ids or None,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
+                                 else (end_ids[0] if end_ids else 0))
+            replies = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:],
+                                       skip_special_tokens=True)
+            for r, reply in zip(chunk, replies):
+                ok = normalize_answer(reply) == r.answer
+                correct += ok
+                by_type[question_type(r)] += ok
+                totals[question_type(r)] += 1
+            # answer perplexity: teacher forcing, right padded
+            tok.padding_side = "right"
+            full = [p + r.answer for p, r in zip(prompts, chunk)]
+            inputs = {k: v.to(device) for k, v in _inputs(processor, chunk, full).items()}
+            logits = model(**inputs).logits.float()
+            ids = inputs["input_ids"]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = ids[:, 1:]
+            for b, r in enumerate(chunk):
+                n_ans = len(tok(r.answer, add_special_tokens=False)["input_ids"])
+                length = int(inputs["attention_mask"][b].sum())
+                positions = torch.arange(length - 1 - n_ans, length - 1, device=logp.device)
+                nll -= logp[b, positions, target[b, positions]].sum().item()
+                n_tokens += n_ans
+    finally:
+        tok.padding_side = saved_side
+    return {"accuracy": correct / len(records), "answer_ppl": math.exp(nll / max(n_tokens, 1)),
+            "samples": len(records),
+            "accuracy_by_type": {k: by_type[k] / totals[k] for k in sorted(totals)}}
+
+
+def cmd_vqa(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ..data.easy_vqa import load_split, subset
+    from ..loading import load_pretrained, resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if not loaded.spec.multimodal:
+        raise CaspError(f"{args.model} takes text only; easy-vqa needs a LLaVA model "
+                        "(e.g. --model mini-llava)")
+    records = subset(load_split(args.split), args.samples, seed=args.seed)
+    loaded.model.to(device)
+    res = evaluate_vqa(loaded.model, loaded.processor, records, batch_size=args.batch_size)
+    by_type = ", ".join(f"{k} {v:.3f}" for k, v in res["accuracy_by_type"].items())
+    print(f"{args.model} on easy-vqa {args.split} ({res['samples']} questions): accuracy "
+          f"{res['accuracy']:.4f} ({by_type}), answer perplexity {res['answer_ppl']:.4f}")
+    if args.output:
+        row = {"model": args.model, "task": f"easy-vqa-{args.split}", "seed": args.seed, **res}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(row, indent=2) + "\n")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("vqa", help="easy-vqa accuracy and answer perplexity of a LLaVA model",
+                       description="Greedy answers to easy-vqa questions (image + question), "
+                                   "normalised and matched exactly against the reference "
+                                   "(accuracy, overall and per question type), and the "
+                                   "perplexity of the reference answers given image and "
+                                   "question. Works on any LLaVA-family model or casp "
+                                   "checkpoint; the data come from the easy-vqa wheel.")
+    p.add_argument("--model", required=True,
+                   help="a LLaVA model directory, a casp checkpoint, or 'mini-llava'")
+    p.add_argument("--split", default="test", choices=["train", "test"],
+                   help="easy-vqa split (default: test)")
+    p.add_argument("--samples", type=int, default=500,
+                   help="questions drawn at random from the split (default: 500; the test "
+                        "split has 9,673)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="questions per forward pass (default: 16)")
+    p.add_argument("--device", default="auto", help="compute device (default: auto)")
+    p.add_argument("--dtype", default="auto", help="weight dtype (default: auto)")
+    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.set_defaults(func=cmd_vqa)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# CASP_QuIP# for LLaVA-NeXT (LLaVA-1.6): bit allocation (stage 2) and the quantizer with the
+# plan (stage 3) on the low-rank checkpoint of SVD/scripts/svd_llava_next.sh and the Hessians
+# of hfize_llava_next.sh. The same settings and paper defaults as quantize_finetune_llava.sh
+# (see there); only the model and paths differ. Multimodal calibration instead of text:
+# MM_DATA=instruct.json IMAGE_ROOT=images/ (LLaVA-Instruct JSON; images of any size, tiled at
+# any resolution). Override any value from the environment, e.g.
+#   OUTPUT=checkpoints/llava-next-7b-casp-quip-2 bash quip-sharp/scripts/quantize_finetune_llava_next.sh
+set -euo pipefail
+MODEL=${MODEL:-checkpoints/llava-next-7b-svd}
+HESSIANS=${HESSIANS:-checkpoints/llava-next-7b-svd-hessians}
+OUTPUT=${OUTPUT:-checkpoints/llava-next-7b-casp-quip}
+source "$(dirname "$0")/quantize_finetune_llava.sh"
