@@ -45,7 +45,7 @@ def calib_flags(args, text: bool) -> list:
 
 def evaluate(model, work: Path, args) -> dict:
     out = work / f"vqa-{Path(str(model)).name}.json"
-    if not out.is_file():
+    if not out.is_file() or json.loads(out.read_text())["samples"] != args.samples:
         casp("vqa", "--model", model, "--samples", args.samples, "--seed", 0, "--output", out,
              log=work / "log.txt")
     return json.loads(out.read_text())
@@ -71,7 +71,7 @@ def run(args) -> list[dict]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
-    rows = [row("fp", None, evaluate(MODEL, work, args), None, None, None, args)]
+    rows = args.rows = [row("fp", None, evaluate(MODEL, work, args), None, None, None, args)]
     write(rows, args)
 
     lowranks = {}
@@ -115,55 +115,44 @@ def run(args) -> list[dict]:
             write(rows, args)
 
     if args.quip:
-        uniform = work / "quip-e8p12"
-        casp("quip", "--model", MODEL, "--output", uniform, "--codebook", "e8p12",
-             *calib_flags(args, False), log=log)
-        rows.append(row("quip", avg_bits_of(uniform), evaluate(uniform, work, args),
-                        stage_seconds(uniform, "quip"), peak_of(uniform), uniform, args,
-                        setting="e8p12", calibration=calib_desc(False)))
-        write(rows, args)
-        source, seconds = lowranks[False]
-        plan = work / "plan-casp_quip.json"
-        if not plan.is_file():
-            casp("allocate", "--quantizer", "quip", "--model", source, "--output", plan,
-                 "--budget", "e8p12", "--bits", "2,3,4", "--factor-bits", 3,
-                 *calib_flags(args, False), log=log)
-        plan_data = json.loads(plan.read_text())
-        out = work / "casp_quip-e8p12"
-        casp("quip", "--model", source, "--output", out, "--plan", plan, "--codebook", "e8p12",
-             *calib_flags(args, False), log=log)
-        seconds += plan_data["importance"]["seconds"] + stage_seconds(out, "quip")
-        rows.append(row("casp_quip", avg_bits_of(out), evaluate(out, work, args), seconds,
-                        peak_of(out), out, args, setting="budget of e8p12",
-                        calibration=calib_desc(False),
-                        layer_bits=[l["bits"] for l in plan_data["layers"]]))
-        write(rows, args)
-
+        rows += codebook_rows("quip", "e8p12", ["--codebook", "e8p12"], "2,3,4", lowranks[False],
+                              work, args, calib_desc(False))
     if args.aqlm:
-        aqlm_flags = ["--steps-per-round", args.aqlm_steps, "--max-rounds", args.aqlm_rounds]
-        uniform = work / "aqlm-2x8"
-        casp("aqlm", "--model", MODEL, "--output", uniform, "--codebooks", "2x8", *aqlm_flags,
+        flags = ["--codebooks", "2x8", "--steps-per-round", args.aqlm_steps, "--max-rounds",
+                 args.aqlm_rounds]
+        rows += codebook_rows("aqlm", "2x8", flags, "2,3,4", lowranks[False], work, args,
+                              calib_desc(False))
+    return rows
+
+
+def codebook_rows(quantizer: str, setting: str, flags: list, widths: str, lowrank: tuple,
+                  work: Path, args, calibration: str) -> list[dict]:
+    """Uniform ``quantizer`` at ``setting`` and CASP_<quantizer> at its budget (the budget by
+    name: exactly what the uniform setting stores), image-calibrated."""
+    log = work / "log.txt"
+    uniform = work / f"{quantizer}-{setting}"
+    casp(quantizer, "--model", MODEL, "--output", uniform, *flags, *calib_flags(args, False),
+         log=log)
+    rows = [row(quantizer, avg_bits_of(uniform), evaluate(uniform, work, args),
+                stage_seconds(uniform, quantizer), peak_of(uniform), uniform, args,
+                setting=setting, calibration=calibration)]
+    write(args.rows + rows, args)
+    source, seconds = lowrank
+    plan = work / f"plan-casp_{quantizer}.json"
+    if not plan.is_file():
+        casp("allocate", "--quantizer", quantizer, "--model", source, "--output", plan,
+             "--budget", setting, "--bits", widths, "--factor-bits", 3,
              *calib_flags(args, False), log=log)
-        rows.append(row("aqlm", avg_bits_of(uniform), evaluate(uniform, work, args),
-                        stage_seconds(uniform, "aqlm"), peak_of(uniform), uniform, args,
-                        setting="2x8 g8", calibration=calib_desc(False)))
-        write(rows, args)
-        source, seconds = lowranks[False]
-        plan = work / "plan-casp_aqlm.json"
-        if not plan.is_file():
-            casp("allocate", "--quantizer", "aqlm", "--model", source, "--output", plan,
-                 "--budget", "2x8", "--bits", "2,3,4", "--factor-bits", 3,
-                 *calib_flags(args, False), log=log)
-        plan_data = json.loads(plan.read_text())
-        out = work / "casp_aqlm-2x8"
-        casp("aqlm", "--model", source, "--output", out, "--plan", plan, *aqlm_flags,
-             *calib_flags(args, False), log=log)
-        seconds += plan_data["importance"]["seconds"] + stage_seconds(out, "aqlm")
-        rows.append(row("casp_aqlm", avg_bits_of(out), evaluate(out, work, args), seconds,
-                        peak_of(out), out, args, setting="budget of 2x8",
-                        calibration=calib_desc(False),
-                        layer_bits=[l["bits"] for l in plan_data["layers"]]))
-        write(rows, args)
+    plan_data = json.loads(plan.read_text())
+    out = work / f"casp_{quantizer}-{setting}"
+    casp(quantizer, "--model", source, "--output", out, "--plan", plan, *flags,
+         *calib_flags(args, False), log=log)
+    seconds += plan_data["importance"]["seconds"] + stage_seconds(out, quantizer)
+    rows.append(row(f"casp_{quantizer}", avg_bits_of(out), evaluate(out, work, args), seconds,
+                    peak_of(out), out, args, setting=f"budget of {setting}",
+                    calibration=calibration,
+                    layer_bits=[l["bits"] for l in plan_data["layers"]]))
+    write(args.rows + rows, args)
     return rows
 
 

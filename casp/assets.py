@@ -22,6 +22,13 @@ GENSIM_WHEEL = ("gensim", "4.4.0", "gensim/test/test_data/lee_background.cor")
 
 # Short names a user can pass wherever a model is expected.
 MODEL_ALIASES = {"smollm2-135m": SMOLLM2_WHEEL, "smollm2": SMOLLM2_WHEEL}
+# Built from several wheels on first use (casp.mini_llava).
+MINI_LLAVA_ALIAS = "mini-llava"
+
+
+def is_builtin_model(name: str) -> bool:
+    """A built-in model name (fetched or built into the cache on first use)."""
+    return name.lower() in MODEL_ALIASES or name.lower() == MINI_LLAVA_ALIAS
 
 
 def cache_dir() -> Path:

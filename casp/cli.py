@@ -69,10 +69,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "float16, bfloat16")
 
 
-def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int, seqlen: int) -> None:
-    g = p.add_argument_group("calibration")
+def add_text_source_args(g, what: str = "calibration text") -> None:
+    """--dataset, --split, --text-field: where text windows come from."""
     g.add_argument("--dataset", default="wiki",
-                   help="calibration text: wiki (bundled Wikipedia sample), lee (news), "
+                   help=f"{what}: wiki (bundled Wikipedia sample), lee (news), "
                         "wikitext2 / c4 / redpajama (hub, needs internet), or a local "
                         ".txt/.jsonl/.parquet file (default: wiki)")
     g.add_argument("--split", default=None, choices=["train", "test", "all"],
@@ -80,6 +80,11 @@ def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int, seqlen: int
                         "data), test = last 20%%, all (default for local files)")
     g.add_argument("--text-field", default="text",
                    help="column holding the text in .jsonl/.parquet files (default: text)")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int, seqlen: int) -> None:
+    g = p.add_argument_group("calibration")
+    add_text_source_args(g)
     g.add_argument("--nsamples", type=_positive, default=nsamples,
                    help=f"number of calibration samples (default: {nsamples})")
     g.add_argument("--seqlen", type=_positive, default=seqlen,
@@ -89,8 +94,9 @@ def _add_calibration_args(p: argparse.ArgumentParser, nsamples: int, seqlen: int
                    help="calibration windows per forward pass (default: 8)")
     g.add_argument("--mm-data", default=None,
                    help="LLaVA-Instruct JSON of image+text samples: calibrate multimodal models "
-                        "with images instead of text; 'easy-vqa' takes the built-in easy-vqa "
-                        "training questions (image + question + answer)")
+                        "with images instead of text; 'easy-vqa' (or 'easy-vqa:test') takes the "
+                        "built-in easy-vqa training (test) questions (image + question + "
+                        "answer)")
     g.add_argument("--image-root", default=None,
                    help="folder the image paths in --mm-data are relative to (default: the "
                         "JSON's folder)")

@@ -79,7 +79,7 @@ def architecture_of(config) -> str:
 
 def _locate(source: str) -> tuple[str, dict]:
     """Turn a user's model argument into from_pretrained arguments."""
-    if source.lower() == "mini-llava":     # built from wheels once, into the cache
+    if source.lower() == assets.MINI_LLAVA_ALIAS:     # built from wheels once, into the cache
         from .mini_llava.build import mini_llava_dir
 
         return str(mini_llava_dir()), {}

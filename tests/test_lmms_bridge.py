@@ -127,8 +127,7 @@ def _per_question(model, processor, records) -> list[dict]:
     rows = []
     for r in records:
         res = evaluate_vqa(model, processor, [r], batch_size=1)
-        n = len(processor.tokenizer(r.answer, add_special_tokens=False)["input_ids"])
-        rows.append({"correct": res["accuracy"], "nll": n * math.log(res["answer_ppl"])})
+        rows.append({"correct": res["accuracy"], "nll": math.log(res["answer_ppl_per_answer"])})
     return rows
 
 
@@ -273,9 +272,9 @@ def test_mini_llava_through_simple_evaluate_with_a_model_instance(tmp_path):
     assert got["bad"] and "does not exist" in got["bad"] and "\n" not in got["bad"]
     assert got["modules"] == []          # neither torchvision nor decord was imported
     assert got["results"]["easy_vqa"]["exact_match,none"] == pytest.approx(got["ours"]["accuracy"])
-    # answers of one token each: answer perplexity per answer = per token
+    # lmms-eval's perplexity aggregation: the mean over answers of each answer's NLL
     assert got["results"]["easy_vqa_ppl"]["perplexity,none"] == \
-        pytest.approx(got["ours"]["answer_ppl"], rel=1e-4)
+        pytest.approx(got["ours"]["answer_ppl_per_answer"], rel=1e-4)
     assert len(got["replies"]) == 2 and all(isinstance(r, str) for r in got["replies"])
     a, b = got["video_ll"]
     assert a < 0 and b < 0 and a != pytest.approx(b)   # the frames reach the model

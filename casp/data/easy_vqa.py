@@ -96,14 +96,22 @@ def instruct_records(split: str, nsamples: int | None, seed: int,
     return items
 
 
+BUILTIN_NAMES = {"easy-vqa": "train", "easy-vqa:train": "train", "easy-vqa:test": "test"}
+
+
+def is_builtin(name) -> bool:
+    """``--mm-data`` names the built-in easy-vqa questions (and no file of that name exists)."""
+    return str(name) in BUILTIN_NAMES and not Path(str(name)).exists()
+
+
 def instruct_samples(name: str, nsamples: int | None, seed: int):
     """Calibration samples for ``--mm-data easy-vqa`` (train split) or ``easy-vqa:test``."""
     from .multimodal import MultimodalSample
 
-    split = name.split(":", 1)[1] if ":" in name else "train"
-    if name.split(":", 1)[0] != "easy-vqa":
+    if name not in BUILTIN_NAMES:
         raise CaspError(f"unknown built-in multimodal data {name!r}; use easy-vqa or "
                         "easy-vqa:test, or a LLaVA-Instruct JSON file")
+    split = BUILTIN_NAMES[name]
     return [MultimodalSample(conversations=rec["conversations"], images=[Path(rec["image"])],
                              id=rec["id"])
             for rec in instruct_records(split, nsamples, seed)]

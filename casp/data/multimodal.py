@@ -59,6 +59,9 @@ def _frames(value, root: Path, num_frames: int) -> list[Path]:
     if files:
         raise CaspError(f"video {files[0]} is not an image: casp does not decode video files; "
                         "give the video as a directory or a list of frame images")
+    if not frames:
+        raise CaspError(f"video {value} has no frame images ({', '.join(IMAGE_SUFFIXES)}); "
+                        "check the calibration JSON")
     return uniform_frames(frames, num_frames)
 
 
@@ -68,9 +71,9 @@ def load_llava_instruct(path: str | Path, image_root: str | Path | None = None,
     """Read LLaVA-Instruct JSON (a list, or JSON lines); pick ``nsamples`` at random; keep
     ``num_frames`` of each video's frames, evenly spread. ``easy-vqa`` (or
     ``easy-vqa:test``) names the built-in easy-vqa training (test) questions instead of a file."""
-    if str(path).startswith("easy-vqa"):
-        from .easy_vqa import instruct_samples
+    from .easy_vqa import instruct_samples, is_builtin
 
+    if is_builtin(path):
         return instruct_samples(str(path), nsamples, seed)
     path = Path(path)
     if not path.is_file():

@@ -81,8 +81,9 @@ class FramesVideoProcessor:
         for video in videos or []:
             frames = self.frames(list(video), return_tensors="pt")["pixel_values"]
             height, width = frames.shape[-2:]
-            # as the real processor: the model pools each frame's patch grid 2 x 2
-            count = len(frames) * (height // self.patch_size) * (width // self.patch_size) // 4
+            # the model pools each frame's patch grid 2 x 2; counted as transformers does:
+            # the pooled tokens of one frame, times the frames
+            count = (height // self.patch_size) * (width // self.patch_size) // 4 * len(frames)
             at = next((i for i, t in enumerate(texts) if self.video_token in t), None)
             if at is None:
                 raise CaspError("a video was given but its text has no video placeholder")

@@ -513,12 +513,14 @@ class SparsityConfig:
             raise CaspError(f"--threshold {self.threshold} is out of range; give a positive "
                             "multiple of the row's even share (relative, e.g. 0.1) or a "
                             "probability in (0, 1) (absolute, e.g. 0.01)")
-        from ..assets import MODEL_ALIASES
+        from ..assets import is_builtin_model
 
         hub_id = self.model.count("/") == 1 and not self.model.startswith((".", "/", "~"))
-        if not (Path(self.model).exists() or hub_id or self.model.lower() in MODEL_ALIASES):
+        if not (Path(self.model).exists() or hub_id or is_builtin_model(self.model)):
             raise CaspError(f"--model {self.model} does not exist; check the path")
-        if self.mm_data and not Path(self.mm_data).is_file():
+        from ..data.easy_vqa import is_builtin
+
+        if self.mm_data and not (Path(self.mm_data).is_file() or is_builtin(self.mm_data)):
             raise CaspError(f"--mm-data {self.mm_data} does not exist; give a LLaVA-Instruct "
                             "JSON file")
         if self.image_root and not Path(self.image_root).is_dir():
@@ -702,7 +704,7 @@ def _threshold(text: str) -> float:
 
 def add_parser(subparsers) -> None:
     """Register ``casp sparsity`` on the ``casp`` command's subparsers."""
-    from ..cli import _positive
+    from ..cli import _positive, add_text_source_args
 
     p = subparsers.add_parser(
         "sparsity", help="attention sparsity and the attention error of low-rank W_q/W_k, per "
@@ -720,7 +722,8 @@ def add_parser(subparsers) -> None:
                     "sparsity and MSE, MSE against sparsity).")
     p.add_argument("--model", required=True,
                    help="the ORIGINAL model the low-rank checkpoint was made from: a local "
-                        "Hugging Face directory, a .gguf file, a hub id, or 'smollm2-135m'")
+                        "Hugging Face directory, a .gguf file, a hub id, 'smollm2-135m' or "
+                        "'mini-llava'")
     p.add_argument("--lowrank", required=True,
                    help="the casp low-rank checkpoint (the output of casp lowrank) whose W_q "
                         "and W_k are compared")
@@ -730,15 +733,7 @@ def add_parser(subparsers) -> None:
                    help="weight dtype of both models: auto (float16 on CUDA, float32 on CPU), "
                         "float32, float16, bfloat16; attention is computed in float32")
     g = p.add_argument_group("text inputs (always analysed)")
-    g.add_argument("--dataset", default="wiki",
-                   help="text: wiki (bundled Wikipedia sample), lee (news), wikitext2 / c4 / "
-                        "redpajama (hub, needs internet), or a local .txt/.jsonl/.parquet file "
-                        "(default: wiki)")
-    g.add_argument("--split", default=None, choices=["train", "test", "all"],
-                   help="part of the text: train = first 80%% (default for bundled and hub "
-                        "data), test = last 20%%, all (default for local files)")
-    g.add_argument("--text-field", default="text",
-                   help="column holding the text in .jsonl/.parquet files (default: text)")
+    add_text_source_args(g, "text")
     g.add_argument("--nsamples", type=_positive, default=16,
                    help="random text windows, analysed one at a time (default: 16)")
     g.add_argument("--seqlen", type=_positive, default=1024,
@@ -747,8 +742,9 @@ def add_parser(subparsers) -> None:
                    help="seed for picking text windows and image+text samples (default: 3)")
     g = p.add_argument_group("image+text inputs (multimodal models)")
     g.add_argument("--mm-data", default=None,
-                   help="LLaVA-Instruct JSON of image+text samples; also analyse those (needs "
-                        "a multimodal model)")
+                   help="LLaVA-Instruct JSON of image+text samples, or easy-vqa (the "
+                        "built-in easy-vqa training questions); also analyse those (needs a "
+                        "multimodal model)")
     g.add_argument("--image-root", default=None,
                    help="folder the image paths in --mm-data are relative to (default: the "
                         "JSON's folder)")

@@ -4,8 +4,10 @@
   normalised (lower case, first word, punctuation and articles dropped) and compared exactly
   with the reference answer (13 possible answers).
 - Answer perplexity: exp of the mean negative log-likelihood of the reference answer's
-  tokens given image and question (teacher forcing), over all answers: the analogue of the
-  paper's LiveBench / LLaVA-Bench perplexities.
+  tokens given image and question (teacher forcing), over all answer tokens: the analogue of
+  the paper's LiveBench / LLaVA-Bench perplexities. ``answer_ppl_per_answer`` averages each
+  answer's whole NLL instead (what lmms-eval's ``perplexity`` aggregation computes); the two
+  differ when answers have several tokens ("rect|angle").
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ def user_prompt(processor, record: VQARecord) -> str:
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     image_token = getattr(processor, "image_token", "<image>")
     return f"USER: {image_token}\n{question_text(record)} ASSISTANT:"
+
+
+def answer_text(prompt: str, answer: str) -> str:
+    """The answer as it follows the prompt: after a space unless the prompt ends in one."""
+    return answer if not prompt or prompt[-1].isspace() else " " + answer
 
 
 def _inputs(processor, records: list[VQARecord], texts: list[str]) -> dict:
@@ -51,14 +58,21 @@ def evaluate_vqa(model, processor, records: list[VQARecord], batch_size: int = 1
         raise CaspError("the model has no processor; multimodal evaluation needs a LLaVA model "
                         "directory with its preprocessor files")
     tok = processor.tokenizer
-    saved_side = tok.padding_side
+    saved_side, saved_pad = tok.padding_side, tok.pad_token
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise CaspError("the model's tokenizer has neither a pad nor an end token; batched "
+                            "evaluation cannot pad; use --batch-size 1")
+        tok.pad_token = tok.eos_token
     device = next(model.parameters()).device
     correct = 0
     nll, n_tokens = 0.0, 0
+    per_answer: list[float] = []
     by_type: Counter = Counter()
     totals: Counter = Counter()
-    end_ids = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
-               if isinstance(i, int) and i >= 0]
+    end_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if "<|im_end|>" in tok.get_vocab():     # ChatML models end a turn with it
+        end_ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
     try:
         for start in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
             chunk = records[start: start + batch_size]
@@ -79,21 +93,28 @@ def evaluate_vqa(model, processor, records: list[VQARecord], batch_size: int = 1
                 totals[question_type(r)] += 1
             # answer perplexity: teacher forcing, right padded
             tok.padding_side = "right"
-            full = [p + r.answer for p, r in zip(prompts, chunk)]
+            answers = [answer_text(p, r.answer) for p, r in zip(prompts, chunk)]
+            full = [p + a for p, a in zip(prompts, answers)]
             inputs = {k: v.to(device) for k, v in _inputs(processor, chunk, full).items()}
             logits = model(**inputs).logits.float()
             ids = inputs["input_ids"]
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = ids[:, 1:]
-            for b, r in enumerate(chunk):
-                n_ans = len(tok(r.answer, add_special_tokens=False)["input_ids"])
+            for b, (p, f) in enumerate(zip(prompts, full)):
+                # the answer's tokens in context (a word may split differently on its own)
+                n_ans = (len(tok(f, add_special_tokens=False)["input_ids"])
+                         - len(tok(p, add_special_tokens=False)["input_ids"]))
                 length = int(inputs["attention_mask"][b].sum())
                 positions = torch.arange(length - 1 - n_ans, length - 1, device=logp.device)
-                nll -= logp[b, positions, target[b, positions]].sum().item()
+                answer_nll = -logp[b, positions, target[b, positions]].sum().item()
+                nll += answer_nll
                 n_tokens += n_ans
+                per_answer.append(answer_nll)
     finally:
-        tok.padding_side = saved_side
+        tok.padding_side, tok.pad_token = saved_side, saved_pad
     return {"accuracy": correct / len(records), "answer_ppl": math.exp(nll / max(n_tokens, 1)),
+            # exp of the mean over answers of each answer's NLL (lmms-eval's perplexity)
+            "answer_ppl_per_answer": math.exp(sum(per_answer) / len(per_answer)),
             "samples": len(records),
             "accuracy_by_type": {k: by_type[k] / totals[k] for k in sorted(totals)}}
 
@@ -118,12 +139,17 @@ def cmd_vqa(args) -> int:
           f"{res['accuracy']:.4f} ({by_type}), answer perplexity {res['answer_ppl']:.4f}")
     if args.output:
         row = {"model": args.model, "task": f"easy-vqa-{args.split}", "seed": args.seed, **res}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(row, indent=2) + "\n")
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_text(json.dumps(row, indent=2) + "\n")
+        tmp.replace(out)
     return 0
 
 
 def add_parser(sub) -> None:
+    from ..cli import _positive
+
     p = sub.add_parser("vqa", help="easy-vqa accuracy and answer perplexity of a LLaVA model",
                        description="Greedy answers to easy-vqa questions (image + question), "
                                    "normalised and matched exactly against the reference "
@@ -135,13 +161,16 @@ def add_parser(sub) -> None:
                    help="a LLaVA model directory, a casp checkpoint, or 'mini-llava'")
     p.add_argument("--split", default="test", choices=["train", "test"],
                    help="easy-vqa split (default: test)")
-    p.add_argument("--samples", type=int, default=500,
+    p.add_argument("--samples", type=_positive, default=500,
                    help="questions drawn at random from the split (default: 500; the test "
                         "split has 9,673)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
-    p.add_argument("--batch-size", type=int, default=16,
+    p.add_argument("--batch-size", type=_positive, default=16,
                    help="questions per forward pass (default: 16)")
-    p.add_argument("--device", default="auto", help="compute device (default: auto)")
-    p.add_argument("--dtype", default="auto", help="weight dtype (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="compute device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default="auto",
+                   help="weight dtype: auto (float16 on CUDA, float32 on CPU), float32, "
+                        "float16, bfloat16")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     p.set_defaults(func=cmd_vqa)

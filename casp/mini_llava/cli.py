@@ -38,8 +38,6 @@ def cmd_train(args) -> int:
     model.to(args.device)
     card = train_projector(model, processor, cfg)
     model.cpu()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_projector(model, out)
     if args.eval_samples:
         test = subset(load_split("test"), args.eval_samples, seed=0)
         card["test"] = evaluate_vqa(model, processor, test)
@@ -49,13 +47,29 @@ def cmd_train(args) -> int:
     card["init"] = args.init
     card_path = PROJECTOR_CARD if out.resolve() == PROJECTOR_FILE.resolve() else \
         out.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_projector(model, out)          # weights and card written together, at the end
+    tmp = card_path.with_name(card_path.name + ".partial")
+    tmp.write_text(json.dumps(card, indent=1) + "\n")
+    tmp.replace(card_path)
     print(f"projector written to {out} (final loss {card['final_loss']:.4f}, "
           f"{card['seconds']:.0f} s); training card {card_path}")
     return 0
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CaspError(f"{text!r} is not a whole number")
+    if value < 0:
+        raise CaspError(f"{value} must be 0 or more")
+    return value
+
+
 def add_parser(sub) -> None:
+    from ..cli import _positive
+
     p = sub.add_parser("mini-llava", help="the mini LLaVA: DINOv2 ViT-S/14 + a trained "
                                           "projector + SmolLM2-135M-Instruct",
                        description="A small real LLaVA-1.5-style model from parts that ship in "
@@ -85,19 +99,21 @@ def add_parser(sub) -> None:
     t.add_argument("--init", default=None,
                    help="start from these projector weights instead of a seeded random "
                         "initialisation (continue a training run)")
-    t.add_argument("--steps", type=int, default=800, help="optimizer steps (default: 800)")
-    t.add_argument("--batch-images", type=int, default=8,
+    t.add_argument("--steps", type=_positive, default=800,
+                   help="optimizer steps (default: 800)")
+    t.add_argument("--batch-images", type=_positive, default=8,
                    help="images (conversations) per step (default: 8)")
-    t.add_argument("--turns", type=int, default=4,
+    t.add_argument("--turns", type=_positive, default=4,
                    help="questions per conversation (default: 4)")
     t.add_argument("--lr", type=float, default=1e-3,
                    help="peak AdamW learning rate, cosine decay (default: 1e-3, LLaVA's stage 1)")
-    t.add_argument("--warmup", type=int, default=30, help="linear warm-up steps (default: 30)")
+    t.add_argument("--warmup", type=_non_negative, default=30,
+                   help="linear warm-up steps (default: 30)")
     t.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                   help="bfloat16 autocast for the frozen model's matmuls (default: on; about "
-                        "4x faster on CPUs with AVX512-BF16)")
-    t.add_argument("--eval-samples", type=int, default=500,
+                   help="bfloat16 autocast of the forward pass (default: on; about 4x faster "
+                        "on CPUs with AVX512-BF16; the projector's weights stay fp32)")
+    t.add_argument("--eval-samples", type=_non_negative, default=500,
                    help="test questions to measure accuracy on afterwards (default: 500; 0: none)")
     t.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     t.set_defaults(func=cmd_train)

@@ -28,15 +28,15 @@ log = logging.getLogger("casp")
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 800
     batch_images: int = 8
-    turns: int = 3
+    turns: int = 4
     lr: float = 1e-3
     warmup: int = 30
     weight_decay: float = 0.0
     seed: int = 0
     threads: int | None = None
-    bf16: bool = True          # bfloat16 autocast for the frozen LM's matmuls (CPU and GPU)
+    bf16: bool = True          # bfloat16 autocast of the forward pass (CPU and GPU)
 
 
 def image_features(model, processor, paths: list[Path], batch: int = 64,
@@ -50,6 +50,7 @@ def image_features(model, processor, paths: list[Path], batch: int = 64,
         for i in tqdm(range(0, len(paths), batch), desc=desc, leave=False):
             images = [Image.open(p).convert("RGB") for p in paths[i: i + batch]]
             pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(next(model.parameters()).device)
             out = model.model.vision_tower(pixels, output_hidden_states=True)
             hidden = out.hidden_states[cfg.vision_feature_layer]
             if cfg.vision_feature_select_strategy == "default":
@@ -102,6 +103,8 @@ def batch_loss(model, features: torch.Tensor, seqs: list[tuple[list[int], list[i
         ids[b, :len(s)] = torch.tensor(s)
         labels[b, :len(l)] = torch.tensor(l)
         mask[b, :len(s)] = 1
+    device = features.device
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
     embeds = lm.embed_tokens(ids)
     image_pos = ids == cfg.image_token_id
     projected = model.model.multi_modal_projector(features)
