@@ -25,6 +25,9 @@ def setting_of(r: dict) -> str:
     else:
         text = (f"{s['bits']}-bit g{s['group_size']}" if "budget" not in s
                 else f"plan, widths {s['allowed_bits']}")
+    if s.get("allocation") == "measured":
+        text = text.replace("plan over", "measured plan over")
+        text += f", W_q/W_k low-rank in {len(s['lowrank_layers'])} of {len(s['layer_bits'])} layers"
     if "budget" in s and s.get("factor_bits") is not None and "alloc_only" not in r["method"]:
         fb = s["factor_bits"]
         text += f", factors {fb}" + ("-bit" if isinstance(fb, int) else " width")

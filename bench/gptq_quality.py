@@ -127,6 +127,31 @@ def write_results(name: str, rows: list[dict], markdown: str) -> None:
     (RESULTS / f"{name}.md").write_text(markdown)
 
 
+def add_measured_args(p, method: str, samples: int, what: str) -> None:
+    """The measured-search flags of a quality benchmark."""
+    p.add_argument("--measured-only", action="store_true",
+                   help=f"run only {method} (the measured search) and merge its rows into the "
+                        "committed results")
+    p.add_argument("--search-samples", type=int, default=samples,
+                   help=f"{what} whose output KL the measured search scores (default {samples})")
+
+
+def row_key(r: dict) -> tuple:
+    s = r["settings"]
+    return (r["method"], s.get("codebook") or s.get("setting"), r.get("corpus") or r.get("task"))
+
+
+def merged_rows(name: str, rows: list[dict]) -> list[dict]:
+    """The committed rows of bench/results/<name>.json with ``rows`` in place of those of
+    the same method, setting and corpus (new ones appended): a run of some methods only
+    keeps the others' measurements."""
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else []
+    new = {row_key(r): r for r in rows}
+    result = [new.pop(row_key(r), r) for r in old]
+    return result + [r for r in rows if row_key(r) in new]
+
+
 def avg_bits_of(checkpoint: Path) -> float:
     from casp.allocation import average_bits
     from casp.checkpoint import read_casp_section

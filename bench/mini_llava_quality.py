@@ -8,7 +8,8 @@ Every stage is calibrated with easy-vqa training samples (image + question + ans
 the vision tower and projector) unless the method ends in ``_text``: then every stage sees
 text only (Wikipedia windows), the paper's setting for the low-rank stage. Optional rows
 (--quip, --aqlm): uniform QuIP# E8P12 and CASP_QuIP# at its budget; uniform AQLM 2x8 and
-CASP_AQLM.
+CASP_AQLM. casp_gptq_m: the measured search (casp allocate --measured --lowrank-options
+0.75), which keeps W_q/W_k dense where cutting them costs more than the bits it saves buy.
 
 Measured on easy-vqa's test split (a fixed random draw): answer accuracy (greedy generation,
 exact match after normalisation), answer perplexity given image and question, per question
@@ -17,6 +18,7 @@ casp process; finished checkpoints under --work are reused, so an interrupted ru
 Writes bench/results/mini_llava_quality.json and .md.
 
     .venv/bin/python bench/mini_llava_quality.py [--samples 500] [--quip] [--aqlm]
+    .venv/bin/python bench/mini_llava_quality.py --measured-only   # casp_gptq_m, merged
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_quality import (ROOT, avg_bits_of, casp, machine, peak_of,  # noqa: E402
-                          stage_seconds, write_results)
+from gptq_quality import (ROOT, add_measured_args, avg_bits_of, casp,  # noqa: E402
+                          machine, merged_rows, peak_of, stage_seconds, write_results)
+from quip_quality import lowrank_note  # noqa: E402
 
 MODEL = "mini-llava"
 MODEL_NAME = "mini LLaVA (DINOv2 ViT-S/14 + projector + SmolLM2-135M-Instruct)"
@@ -125,6 +128,48 @@ def run(args) -> list[dict]:
     return rows
 
 
+def measured_rows(args) -> list[dict]:
+    """casp_gptq_m at each GPTQ budget, image-calibrated: the measured search (each layer's
+    W_q/W_k dense or low-rank 75%, each width of ALLOWED_BITS, scored by the KL of the
+    model's next-token distribution each option causes on easy-vqa samples; one set of
+    measurements for every budget) -> casp lowrank --plan -> GPTQ with the plan."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    measurements = work / "casp_gptq_m.measured.json"
+    rows = []
+    for bits in args.bits:
+        plan = work / f"plan-casp_gptq_m-w{bits}.json"
+        if not plan.is_file():
+            casp("allocate", "--model", MODEL, "--output", plan, "--budget", f"{bits}@128",
+                 "--bits", ALLOWED_BITS, "--factor-bits", 3, "--measured", "--lowrank-options",
+                 0.75, "--rank-multiple", 8, "--search-samples", args.search_samples,
+                 "--measurements", measurements, *calib_flags(args, False), log=log)
+        plan_data = json.loads(plan.read_text())
+        seconds = plan_data["importance"]["seconds"]
+        layers = plan_data["layers"]
+        source = MODEL
+        if any(l["lowrank"] is not None for l in layers):
+            source = work / f"lowrank-casp_gptq_m-w{bits}"
+            casp("lowrank", "--model", MODEL, "--plan", plan, "--output", source,
+                 *calib_flags(args, False), log=log)
+            seconds += stage_seconds(source, "lowrank")
+        out = work / f"casp_gptq_m-w{bits}g128"
+        casp("gptq", "--model", source, "--output", out, "--plan", plan,
+             *calib_flags(args, False), log=log)
+        seconds += stage_seconds(out, "gptq")
+        rows.append(row("casp_gptq_m", avg_bits_of(out), evaluate(out, work, args), seconds,
+                        peak_of(out), out, args, setting=f"budget of w{bits}g128",
+                        calibration=f"easy-vqa train {args.mm_nsamples} image+question+answer "
+                                    "samples",
+                        allocation="measured", search_samples=args.search_samples,
+                        layer_bits=[l["bits"] for l in layers],
+                        lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None]))
+        print(f"casp_gptq_m at the w{bits}g128 budget: {avg_bits_of(out):.4f} bits, accuracy "
+              f"{rows[-1]['accuracy']:.4f}", flush=True)
+    return rows
+
+
 def codebook_rows(quantizer: str, setting: str, flags: list, widths: str, lowrank: tuple,
                   work: Path, args, calibration: str) -> list[dict]:
     """Uniform ``quantizer`` at ``setting`` and CASP_<quantizer> at its budget (the budget by
@@ -174,6 +219,7 @@ def table(rows: list[dict], args) -> str:
                     for b in sorted(set(plan)) if b != min(plan)}
             note = " (" + "; ".join(f"{b} bits: layers {', '.join(map(str, v))}"
                                     for b, v in wide.items()) + ")" if wide else ""
+            note += lowrank_note(s)
         size = f"{r['size_bytes'] / 2**20:.1f}" if r["size_bytes"] else "-"
         calib = "images" if "easy-vqa" in s.get("calibration", "") else (
             "text" if s.get("calibration") else "-")
@@ -213,9 +259,13 @@ def main() -> None:
                    help="AQLM rounds per module at most (default 8, for CPU time)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "mini_llava"),
                    help="where checkpoints and logs go (reused by a rerun)")
+    add_measured_args(p, "casp_gptq_m", 16, "easy-vqa samples")
     args = p.parse_args()
     start = time.perf_counter()
-    rows = run(args)
+    if args.measured_only:
+        rows = merged_rows("mini_llava_quality", measured_rows(args))
+    else:
+        rows = run(args) + measured_rows(args)
     write(rows, args)
     print(table(rows, args))
     print(f"benchmark wall time {time.perf_counter() - start:.0f} s")

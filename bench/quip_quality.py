@@ -13,6 +13,10 @@ are the budget of:
     casp_quip_c50      50% compression instead of 75%, factors at their layer's width
     alloc_only_quip    bit allocation on the original model + QuIP# (no low-rank)
     lowrank_only_quip  low-rank + uniform QuIP# at the same codebook (its saved bits unspent)
+    casp_quip_m        the measured search (casp allocate --measured --lowrank-options 0.75):
+                       each layer's W_q/W_k dense or low-rank 75% and its width chosen from
+                       the output KL each option causes, factors 4-bit; casp lowrank --plan;
+                       QuIP# with the plan (first budget only)
 (the variants and ablations at the 2-bit budget only). QuIP#: random-sign Hadamard incoherence,
 BlockLDLQ, Hessians collected true-sequentially in the pass, sigma_reg 0.01, no fine-tuning.
 
@@ -23,6 +27,7 @@ casp process; finished checkpoints under --work are reused, so an interrupted be
 resumes. Writes bench/results/quip_quality.json, .md.
 
     .venv/bin/python bench/quip_quality.py [--nsamples 32] [--budgets e8p12 e8p12rvq3b]
+    .venv/bin/python bench/quip_quality.py --measured-only     # casp_quip_m alone, merged
 """
 from __future__ import annotations
 
@@ -32,13 +37,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_quality import (MODEL, ROOT, avg_bits_of, calib_flags, casp,  # noqa: E402
-                          evaluate, peak_of, quality_parser, row, stage_seconds,
-                          write_results)
+from gptq_quality import (MODEL, ROOT, add_measured_args, avg_bits_of,  # noqa: E402
+                          calib_flags, casp, evaluate, merged_rows, peak_of, quality_parser,
+                          row, stage_seconds, write_results)
 
 CODEBOOK_MAP = "2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b"
 ALLOWED_BITS = "2,3,4"
 FACTOR_BITS = 3
+MEASURED_FACTOR_BITS = 4        # casp_quip_f4 was the best block-influence variant
 QUIP_BITS = {"e8p12": 2, "e8p12rvq3b": 3, "e8p12rvq4b": 4}
 
 
@@ -117,6 +123,47 @@ def run(args) -> list[dict]:
     return rows
 
 
+def measured_rows(args) -> list[dict]:
+    """casp_quip_m at the first budget: the measured search (each layer's W_q/W_k dense or
+    low-rank 75%, each width, scored by the output KL it causes) -> casp lowrank --plan ->
+    QuIP# with the plan."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    codebook = args.budgets[0]
+    plan = work / f"plan-casp_quip_m-{codebook}.json"
+    if not plan.is_file():
+        casp("allocate", "--quantizer", "quip", "--model", MODEL, "--output", plan, "--budget",
+             codebook, "--bits", ALLOWED_BITS, "--codebooks", CODEBOOK_MAP, "--factor-bits",
+             MEASURED_FACTOR_BITS, "--measured", "--lowrank-options", 0.75, "--rank-multiple", 8,
+             "--search-samples", args.search_samples, *calib_flags(args),
+             # batches of the measured size, so exactly those windows are scored
+             "--batch-size", args.search_samples, log=log)
+    plan_data = json.loads(plan.read_text())
+    seconds = plan_data["importance"]["seconds"]
+    layers = plan_data["layers"]
+    source = MODEL
+    if any(l["lowrank"] is not None for l in layers):
+        source = work / f"lowrank-casp_quip_m-{codebook}"
+        casp("lowrank", "--model", MODEL, "--plan", plan, "--output", source,
+             *calib_flags(args), log=log)
+        seconds += stage_seconds(source, "lowrank")
+    out = work / f"casp_quip_m-{codebook}"
+    casp("quip", "--model", source, "--output", out, "--plan", plan, "--codebook", codebook,
+         *calib_flags(args), log=log)
+    seconds += stage_seconds(out, "quip")
+    extra = settings(codebook, compression=0.75, allocation="measured",
+                     budget=plan_data["budget_bits"],
+                     allowed_bits=ALLOWED_BITS, codebook_map=CODEBOOK_MAP,
+                     factor_bits=MEASURED_FACTOR_BITS, search_samples=args.search_samples,
+                     layer_bits=[l["bits"] for l in layers],
+                     lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None])
+    rows = row("casp_quip_m", avg_bits_of(out), evaluate(out, work, args), seconds,
+               peak_of(out), out, args, **extra)
+    print(f"casp_quip_m at the {codebook} budget: {avg_bits_of(out):.4f} bits", flush=True)
+    return rows
+
+
 def write(rows: list[dict], args) -> None:
     """Results so far (each finished method), so that a long run reports as it goes."""
     write_results("quip_quality", rows, table(rows, args))
@@ -128,7 +175,18 @@ NAMES = {"fp": "-", "quip": "{cb}, every linear",
          "casp_quip_f4": "low-rank 75% + plan at the {cb} budget, factors 4-bit",
          "casp_quip_c50": "low-rank 50% + plan at the {cb} budget, factors at the layer's width",
          "alloc_only_quip": "plan at the {cb} budget, no low-rank",
-         "lowrank_only_quip": "low-rank 75% + {cb}"}
+         "lowrank_only_quip": "low-rank 75% + {cb}",
+         "casp_quip_m": "measured search at the {cb} budget (per layer: W_q/W_k dense or "
+                        "low-rank 75%, factors 4-bit)"}
+
+
+def lowrank_note(settings: dict) -> str:
+    """Which layers a measured plan made low-rank."""
+    layers = settings.get("lowrank_layers")
+    if layers is None:
+        return ""
+    return f" (low-rank W_q/W_k: layers {', '.join(map(str, layers))})" if layers else \
+        " (no layer low-rank)"
 
 
 def table(rows: list[dict], args) -> str:
@@ -152,6 +210,7 @@ def table(rows: list[dict], args) -> str:
                     for b in sorted(set(plan)) if b > 2}
             note = " (" + "; ".join(f"{b} bits: layers {', '.join(map(str, v))}"
                                     for b, v in wide.items()) + ")" if wide else " (all 2 bits)"
+            note += lowrank_note(w["settings"])
         lines.append(f"| {method} | {NAMES.get(method, method).format(cb=codebook)}{note} | "
                      f"{bits} | {w['ppl']:.2f} | {d['lee']['ppl']:.2f} | "
                      f"{w['quant_seconds'] or '-'} | {w['peak_mem_gb'] or '-'} | {size} | "
@@ -175,12 +234,18 @@ def main() -> None:
                         "e8p12rvq3b)")
     p.add_argument("--skip", nargs="*", default=[],
                    help="methods to leave out (casp_quip, casp_quip_f2, casp_quip_f4, "
-                        "casp_quip_c50, alloc_only_quip, lowrank_only_quip)")
+                        "casp_quip_c50, alloc_only_quip, lowrank_only_quip, casp_quip_m)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "quip"),
                    help="where checkpoints and logs go (reused by a rerun)")
+    add_measured_args(p, "casp_quip_m", 4, "calibration windows")
     args = p.parse_args()
     start = time.perf_counter()
-    rows = run(args)
+    if args.measured_only:
+        rows = merged_rows("quip_quality", measured_rows(args))
+    else:
+        rows = run(args)
+        if "casp_quip_m" not in args.skip:
+            rows += measured_rows(args)
     write(rows, args)
     print(table(rows, args))
     print(f"benchmark wall time {time.perf_counter() - start:.0f} s")

@@ -200,67 +200,83 @@ def continuous_allocation(importance: np.ndarray, sizes: np.ndarray, mean_bits: 
     return np.clip((lo_c + hi_c) / 2 + logw, low, high)
 
 
+def model_error(layer: "LayerChoice", bits: int) -> float:
+    """The block-influence model of a layer's error at ``bits``: w_i n_i 2^(-2 b)."""
+    return layer.importance * layer.weights * 2.0 ** (-2 * bits)
+
+
 def solve_widths(layers: list[LayerChoice], budget: int, resolution: int = 4000) -> None:
     """Choose each layer's width (``layer.bits``) minimising sum w_i n_i 2^(-2 b_i) with
     total cost <= ``budget`` bits. Raises when even the smallest widths do not fit."""
-    widths = sorted(layers[0].costs)
-    minimum = sum(min(l.costs.values()) for l in layers)
-    if minimum > budget:
+    options = [{b: (c, model_error(layer, b)) for b, c in layer.costs.items()}
+               for layer in layers]
+    for layer, b in zip(layers, solve_choices(options, budget, resolution)):
+        layer.bits = b
+    _order_by_importance(layers)
+
+
+def solve_choices(options: list[dict], budget: int, resolution: int = 4000) -> list:
+    """The multiple-choice knapsack: one option per layer, ``options[i]`` mapping each of
+    layer i's options to (stored bits, error), minimising the summed error with the summed
+    bits <= ``budget``. Dynamic programming on costs rounded up to ``budget / resolution``,
+    then topped up with exact costs. Raises CaspError("budget_too_small") when even the
+    cheapest options do not fit."""
+    if sum(min(c for c, _ in opts.values()) for opts in options) > budget:
         raise CaspError("budget_too_small")
     unit = max(budget / resolution, 1.0)
     slots = int(budget // unit)
     inf = float("inf")
     best = np.full(slots + 1, inf)
     best[0] = 0.0
-    choice = np.zeros((len(layers), slots + 1), dtype=np.int64)
-    for li, layer in enumerate(layers):
+    keys = [list(opts) for opts in options]
+    choice = np.zeros((len(options), slots + 1), dtype=np.int64)
+    for li, opts in enumerate(options):
         new = np.full(slots + 1, inf)
-        for wi, b in enumerate(widths):
-            c = int(math.ceil(layer.costs[b] / unit))
+        for ki, key in enumerate(keys[li]):
+            cost, err = opts[key]
+            c = int(math.ceil(cost / unit))
             if c > slots:
                 continue
-            err = layer.importance * layer.weights * 2.0 ** (-2 * b)
             cand = np.full(slots + 1, inf)
             cand[c:] = best[:slots + 1 - c] + err
             better = cand < new
             new[better] = cand[better]
-            choice[li][better] = wi
+            choice[li][better] = ki
         best = new
+    chosen = []
     if not np.isfinite(best).any():
-        # the rounding of costs can exclude a barely feasible solution: fall back to minimum
-        for layer in layers:
-            layer.bits = widths[0]
+        # the rounding of costs can exclude a barely feasible solution: start from the cheapest
+        chosen = [min(opts, key=lambda k: opts[k][0]) for opts in options]
     else:
         slot = int(np.argmin(best))
-        for li in range(len(layers) - 1, -1, -1):
-            layer = layers[li]
-            layer.bits = widths[choice[li][slot]]
-            slot -= int(math.ceil(layer.costs[layer.bits] / unit))
-    _top_up(layers, widths, budget)
-    _order_by_importance(layers)
+        for li in range(len(options) - 1, -1, -1):
+            key = keys[li][choice[li][slot]]
+            chosen.append(key)
+            slot -= int(math.ceil(options[li][key][0] / unit))
+        chosen.reverse()
+    _top_up(options, chosen, budget)
+    return chosen
 
 
-def _top_up(layers: list[LayerChoice], widths: list[int], budget: int) -> None:
-    """Spend what the rounded costs left over: upgrade by best error reduction per bit
-    while the exact total still fits."""
-    total = sum(l.costs[l.bits] for l in layers)
+def _top_up(options: list[dict], chosen: list, budget: int) -> None:
+    """Spend what the rounded costs left over: switch a layer to a better option, best error
+    reduction per extra bit first, while the exact total still fits."""
+    total = sum(opts[k][0] for opts, k in zip(options, chosen))
     while True:
         best, best_gain = None, 0.0
-        for layer in layers:
-            higher = [b for b in widths if b > layer.bits]
-            if not higher:
-                continue
-            b = higher[0]
-            extra = layer.costs[b] - layer.costs[layer.bits]
-            if total + extra > budget:
-                continue
-            gain = layer.importance * layer.weights * (2.0 ** (-2 * layer.bits) - 2.0 ** (-2 * b))
-            if gain / max(extra, 1) > best_gain:
-                best, best_gain = (layer, b, extra), gain / max(extra, 1)
+        for li, opts in enumerate(options):
+            cost, err = opts[chosen[li]]
+            for key, (c, e) in opts.items():
+                extra = c - cost
+                if e >= err or total + extra > budget:
+                    continue
+                gain = (err - e) / max(extra, 1)
+                if gain > best_gain:
+                    best, best_gain = (li, key, extra), gain
         if best is None:
             return
-        layer, b, extra = best
-        layer.bits, total = b, total + extra
+        li, key, extra = best
+        chosen[li], total = key, total + extra
 
 
 def _order_by_importance(layers: list[LayerChoice]) -> None:
@@ -347,6 +363,82 @@ class BitPlan:
                                 "make the plan from this very checkpoint")
 
 
+@dataclass
+class SettingRules:
+    """How a module at a layer width is stored: the layer's dense linears at ``group_size``
+    (or the codebook of the width), low-rank factors at ``factor_bits`` (None: the layer's
+    width) and ``factor_group_size``."""
+    group_size: int = 128
+    factor_bits: int | None = 3
+    factor_group_size: int = -1
+    g_idx: bool = False
+    codebooks: dict[int, object] | None = None
+
+    @property
+    def quantizer(self) -> str:
+        return codebook_quantizer(self.codebooks)
+
+    def width(self, name: str, layer_width: int) -> int:
+        return self.factor_bits if is_factor(name) and self.factor_bits is not None else layer_width
+
+    def setting(self, name: str, layer_width: int):
+        width = self.width(name, layer_width)
+        if self.codebooks is not None:
+            return self.codebooks[width]
+        group = self.factor_group_size if is_factor(name) and self.factor_bits is not None \
+            else self.group_size
+        return QuantSetting(width, group, self.g_idx)
+
+    def entry(self, name: str, layer_width: int, shape) -> dict:
+        """The plan's entry of a module."""
+        return {"bits": self.width(name, layer_width),
+                **self.setting(name, layer_width).plan_entry(), "shape": list(shape)}
+
+    def layer_cost(self, shapes: dict[str, tuple[int, int]], layer_width: int) -> int:
+        """Stored bits of a layer's modules ({name: (out, in)}) at ``layer_width``."""
+        return sum(self.setting(n, layer_width).cost(*shape) for n, shape in shapes.items())
+
+    def check(self, allowed: list[int]) -> None:
+        """Refuse widths without a setting before any work."""
+        for b in allowed:
+            check_bits(b)
+        if self.factor_bits is not None:
+            check_bits(self.factor_bits)
+        if self.codebooks is None:
+            return
+        label = QUANTIZER_LABELS[self.quantizer]
+        lacking = [b for b in allowed + ([self.factor_bits] if self.factor_bits else [])
+                   if b not in self.codebooks]
+        if lacking:
+            example = ("2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b" if self.quantizer == "quip"
+                       else "2=2x8,3=2x12,4=4x8")
+            raise CaspError(f"no {label} codebook setting for {lacking[0]} bits; add it to the "
+                            f"codebook map (e.g. --codebooks {example})")
+
+    def meta(self) -> dict:
+        return {"group_size": self.group_size, "factor_bits": self.factor_bits,
+                "factor_group_size": self.factor_group_size, "g_idx": self.g_idx,
+                "quantizer": self.quantizer,
+                **({"codebooks": {str(b): s.name for b, s in sorted(self.codebooks.items())}}
+                   if self.codebooks is not None else {})}
+
+    def budget_error(self, budget: float, allowed: list[int], lowest: float) -> CaspError:
+        label = QUANTIZER_LABELS[self.quantizer]
+        what = (f"{label} {self.codebooks[allowed[0]].name}" if self.codebooks is not None
+                else f"group {self.group_size}")
+        return CaspError(f"budget {budget} bits cannot be met: the smallest allowed width "
+                         f"({allowed[0]} bits, {what}) already needs {lowest:.4f} "
+                         "average bits; raise --budget or allow fewer bits")
+
+
+def modules_by_layer(model: nn.Module, spec: ModelSpec) -> list[dict[str, nn.Linear]]:
+    """The quantizable linears of each decoder layer, by full name, in processing order."""
+    layers: list[dict[str, nn.Linear]] = [{} for _ in spec.decoder_layers(model)]
+    for name, lin in quantizable_linears(model, spec).items():
+        layers[int(name[len(spec.layers) + 1:].split(".")[0])][name] = lin
+    return layers
+
+
 def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], budget: float,
              allowed_bits: list[int], group_size: int = 128, factor_bits: int | None = 3,
              factor_group_size: int = -1, g_idx: bool = False,
@@ -361,50 +453,24 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
     """
     if not allowed_bits:
         raise CaspError("no allowed bit widths; give e.g. --bits 2,3,4")
-    for b in allowed_bits:
-        check_bits(b)
-    if factor_bits is not None:
-        check_bits(factor_bits)
+    rules = SettingRules(group_size, factor_bits, factor_group_size, g_idx, codebooks)
     allowed = sorted(set(allowed_bits))
-    linears = quantizable_linears(model, spec)
+    rules.check(allowed)
     dense = dense_parameters(model, spec)
-    n_layers = len(spec.decoder_layers(model))
-    missing = [i for i in range(n_layers) if i not in importance]
+    by_layer = modules_by_layer(model, spec)
+    missing = [i for i in range(len(by_layer)) if i not in importance]
     if missing:
         raise CaspError(f"no importance score for layer {missing[0]}")
+    for modules in by_layer:
+        for name, lin in modules.items():
+            for b in allowed:
+                rules.setting(name, b).check(*lin.weight.shape, name=name)      # validates
 
-    quantizer = codebook_quantizer(codebooks)
-    label = QUANTIZER_LABELS[quantizer]
-    if codebooks is not None:
-        meta_codebooks = {str(b): s.name for b, s in sorted(codebooks.items())}
-        lacking = [b for b in allowed + ([factor_bits] if factor_bits else []) if b not in codebooks]
-        if lacking:
-            example = ("2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b" if quantizer == "quip"
-                       else "2=2x8,3=2x12,4=4x8")
-            raise CaspError(f"no {label} codebook setting for {lacking[0]} bits; add it to the "
-                            f"codebook map (e.g. --codebooks {example})")
-
-    def setting(name: str, width: int):
-        if is_factor(name) and factor_bits is not None:
-            width, group = factor_bits, factor_group_size
-        else:
-            group = group_size
-        if codebooks is not None:
-            return codebooks[width]
-        return QuantSetting(width, group, g_idx)
-
-    for name, lin in linears.items():
-        for b in allowed:
-            setting(name, b).check(*lin.weight.shape, name=name)          # validates
-
-    by_layer: dict[int, list[str]] = {i: [] for i in range(n_layers)}
-    for name in linears:
-        by_layer[int(name[len(spec.layers) + 1:].split(".")[0])].append(name)
     choices = []
-    for i in range(n_layers):
-        costs = {b: sum(setting(n, b).cost(*linears[n].weight.shape) for n in by_layer[i])
-                 for b in allowed}
-        weights = sum(linears[n].weight.numel() for n in by_layer[i]
+    for i, modules in enumerate(by_layer):
+        shapes = {n: tuple(lin.weight.shape) for n, lin in modules.items()}
+        costs = {b: rules.layer_cost(shapes, b) for b in allowed}
+        weights = sum(lin.weight.numel() for n, lin in modules.items()
                       if factor_bits is None or not is_factor(n))
         choices.append(LayerChoice(i, float(importance[i]), weights, costs))
 
@@ -413,11 +479,7 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
         solve_widths(choices, budget_total)
     except CaspError:
         lowest = sum(min(c.costs.values()) for c in choices) / dense
-        what = (f"{label} {codebooks[allowed[0]].name}" if codebooks is not None
-                else f"group {group_size}")
-        raise CaspError(f"budget {budget} bits cannot be met: the smallest allowed width "
-                        f"({allowed[0]} bits, {what}) already needs {lowest:.4f} "
-                        "average bits; raise --budget or allow fewer bits")
+        raise rules.budget_error(budget, allowed, lowest)
     if all(c.bits == allowed[-1] for c in choices):
         log.warning("budget %.4f exceeds what the widest allowed width uses; every layer gets "
                     "%d bits", budget, allowed[-1])
@@ -435,22 +497,22 @@ def allocate(model: nn.Module, spec: ModelSpec, importance: dict[int, float], bu
 
     modules, layers_out, total = {}, [], 0
     for c in choices:
-        for n in by_layer[c.index]:
-            width = factor_bits if is_factor(n) and factor_bits is not None else c.bits
-            modules[n] = {"bits": width, **setting(n, c.bits).plan_entry(),
-                          "shape": list(linears[n].weight.shape)}
+        for n, lin in by_layer[c.index].items():
+            modules[n] = rules.entry(n, c.bits, lin.weight.shape)
         total += c.costs[c.bits]
         layers_out.append({"layer": c.index, "importance": round(c.importance, 6),
                            "continuous_bits": round(c.continuous_bits, 4), "bits": c.bits,
                            "stored_bits": c.costs[c.bits]})
-    meta = {"budget_bits": budget, "achieved_bits": total / dense, "stored_bits": total,
-            "dense_parameters": dense, "allowed_bits": allowed, "group_size": group_size,
-            "factor_bits": factor_bits, "factor_group_size": factor_group_size, "g_idx": g_idx,
-            "quantizer": quantizer,
-            **({"codebooks": meta_codebooks} if codebooks is not None else {}),
+    meta = plan_meta(budget, total, dense, allowed, rules, model)
+    return BitPlan(modules=modules, layers=layers_out, meta=meta)
+
+
+def plan_meta(budget: float, total: int, dense: int, allowed: list[int], rules: SettingRules,
+              model: nn.Module) -> dict:
+    return {"budget_bits": budget, "achieved_bits": total / dense, "stored_bits": total,
+            "dense_parameters": dense, "allowed_bits": allowed, **rules.meta(),
             "architecture": type(model).__name__,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    return BitPlan(modules=modules, layers=layers_out, meta=meta)
 
 
 def uniform_average_bits(model: nn.Module, spec: ModelSpec, bits: int, group_size: int,
@@ -527,27 +589,37 @@ def format_plan_table(plan: BitPlan) -> str:
 
 
 def plot_plan(plan: BitPlan, path: str | Path) -> Path:
-    """Bar chart of bits per layer with the importance score on a second axis."""
+    """Bar chart of bits per layer with the importance score (or, for a measured plan, the
+    measured divergence of each layer's choice) on a second axis; low-rank layers hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    measured = plan.meta.get("allocation") == "measured"
     idx = [r["layer"] for r in plan.layers]
     fig, ax = plt.subplots(figsize=(max(6, len(idx) * 0.25), 3.5))
-    ax.bar(idx, [r["bits"] for r in plan.layers], color="#4a7ab5", label="bits (integer)")
-    ax.plot(idx, [r["continuous_bits"] for r in plan.layers], "k.--", lw=0.8,
-            label="continuous optimum")
+    bars = ax.bar(idx, [r["bits"] for r in plan.layers], color="#4a7ab5", label="bits (integer)")
+    if measured:
+        for bar, r in zip(bars, plan.layers):
+            if r.get("lowrank") is not None:
+                bar.set_hatch("//")
+                bar.set_facecolor("#8fb0d9")
+        ax.bar([], [], color="#8fb0d9", hatch="//", label="low-rank W_q/W_k")
+    else:
+        ax.plot(idx, [r["continuous_bits"] for r in plan.layers], "k.--", lw=0.8,
+                label="continuous optimum")
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("bits")
     ax.set_ylim(0, max(plan.meta["allowed_bits"]) + 1)
     ax2 = ax.twinx()
-    ax2.plot(idx, [r["importance"] for r in plan.layers], color="#c0504d", lw=1.2,
-             label="importance")
+    values = [max(r["kl"], 1e-12) if measured else r["importance"] for r in plan.layers]
+    what = "KL of the choice" if measured else "importance"
+    ax2.plot(idx, values, color="#c0504d", lw=1.2, label=what)
     ax2.set_yscale("log")
-    ax2.set_ylabel("importance")
-    ax.set_title(f"bit plan: {plan.meta['achieved_bits']:.3f} average bits "
-                 f"(budget {plan.meta['budget_bits']})")
+    ax2.set_ylabel(what)
+    ax.set_title(f"{'measured ' if measured else ''}bit plan: "
+                 f"{plan.meta['achieved_bits']:.3f} average bits (budget {plan.meta['budget_bits']})")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=7)
     fig.tight_layout()

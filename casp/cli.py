@@ -155,6 +155,19 @@ def _load_ranks(path: str | None) -> dict[str, int]:
     return ranks
 
 
+def _plan_lowrank_ranks(path: str) -> dict[str, int]:
+    """The ranks a measured plan chose (every other W_q/W_k stays dense)."""
+    from .allocation import BitPlan
+    from .search import plan_ranks
+
+    ranks = plan_ranks(BitPlan.load(path))
+    if not ranks:
+        raise CaspError(f"{path} chose no low-rank step (it keeps every W_q/W_k dense, or was "
+                        "not made with casp allocate --measured --lowrank-options); quantize "
+                        "the original model with it directly")
+    return ranks
+
+
 def cmd_lowrank(args) -> int:
     from .loading import load_pretrained, resolve_device
     from .lowrank import LowRankPass
@@ -162,9 +175,18 @@ def cmd_lowrank(args) -> int:
 
     device = resolve_device(args.device)
     ranks = _load_ranks(args.ranks)
+    only_ranked = False
+    if args.plan:
+        if args.ranks:
+            raise CaspError("give --plan or --ranks, not both")
+        if args.method != "whitened":
+            raise CaspError("a measured plan's ranks are for whitened factors; leave --method "
+                            "out with --plan")
+        ranks, only_ranked = _plan_lowrank_ranks(args.plan), True
     layers = _layers(args.layers)
     lowrank = LowRankPass(compression=args.compression, method=args.method, ranks=ranks,
-                          propagate=args.propagate, rank_multiple=args.rank_multiple)
+                          propagate=args.propagate, rank_multiple=args.rank_multiple,
+                          only_ranked=only_ranked)
     calibration = _calibration(args)
     if _early_output_check(args, "lowrank", [lowrank]):
         return 0
@@ -183,6 +205,10 @@ def cmd_lowrank(args) -> int:
     if result.skipped:
         print(f"{args.output} is already done (same model and settings)")
         return 0
+    if only_ranked and set(result.changes) != set(ranks):
+        left = sorted(set(ranks) - set(result.changes))
+        log.warning("the plan's rank for %s saves nothing on this model; it stayed dense",
+                    left[0] if left else "?")
     saved = sum(d["rank"] * (d["in_features"] + d["out_features"]) for d in result.changes.values())
     dense = sum(d["in_features"] * d["out_features"] for d in result.changes.values())
     errors = [d["relative_error"] for d in result.changes.values() if "relative_error" in d]
@@ -190,7 +216,8 @@ def cmd_lowrank(args) -> int:
         kind = "output" if args.method == "whitened" else "weight"
         print(f"relative {kind} error per module: mean {sum(errors) / len(errors):.4f}, "
               f"max {max(errors):.4f} (per module: casp info -v {args.output})")
-    print(f"low-rank ({args.method}, compression {args.compression}): {len(result.changes)} "
+    how = "the plan's ranks" if args.plan else f"compression {args.compression}"
+    print(f"low-rank ({args.method}, {how}): {len(result.changes)} "
           f"modules, {dense:,} -> {saved:,} parameters, {result.seconds:.1f} s, peak RSS "
           f"{result.peak_rss_gb:.2f} GB" + (f", peak CUDA {result.peak_cuda_gb:.2f} GB"
                                             if result.peak_cuda_gb else ""))
@@ -255,9 +282,13 @@ def _early_output_check(args, stage: str, passes) -> bool:
 
 
 def cmd_allocate(args) -> int:
-    from .allocation import (QUANTIZER_LABELS, ImportancePass, allocate, format_plan_table,
-                             parse_budget, parse_codebook_map, plot_plan,
+    from .allocation import (QUANTIZER_LABELS, ImportancePass, SettingRules, allocate,
+                             format_plan_table, parse_budget, parse_codebook_map, plot_plan,
                              uniform_average_bits, uniform_setting_bits)
+    from .lowrank import LowRankLinear
+    from .quant.quip_pass import model_identity
+    from .search import (SensitivityPass, check_feasible, format_measured_table, measured_plan,
+                         plan_ranks)
     from .quant.gptq import check_bits
     from .loading import load_pretrained, resolve_device
     from .pipeline import run_stage
@@ -277,10 +308,14 @@ def cmd_allocate(args) -> int:
         raise CaspError(f"{out} exists; choose another --output or pass --overwrite")
     bits = _bits_list(args.bits)
     device = resolve_device(args.device)
-    importance = ImportancePass(args.importance)
-    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     calibration = _calibration(args)
-    result = run_stage(loaded, "importance", [importance], calibration, device)
+    compressions = _compressions(args.lowrank_options) if args.lowrank_options else []
+    if compressions and not args.measured:
+        raise CaspError("--lowrank-options needs --measured (the low-rank choice is measured)")
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if compressions and any(isinstance(m, LowRankLinear) for m in loaded.model.modules()):
+        raise CaspError(f"{args.model} already has low-rank modules; give --lowrank-options "
+                        "the original model, or leave the option out")
     coded = codebooks is not None
     g_idx = args.act_order and not args.static_groups and not coded
     budget, uniform = parse_budget(args.budget)
@@ -295,21 +330,76 @@ def cmd_allocate(args) -> int:
         print(f"budget {args.budget}: uniform {QUANTIZER_LABELS[uniform.quantizer]} "
               f"{uniform.name} on the dense model stores "
               f"{budget:.4f} average bits")
-    plan = allocate(loaded.model, loaded.spec, importance.scores, budget, bits,
-                    group_size=args.group_size,
-                    factor_bits=None if args.factor_bits == 0 else args.factor_bits,
-                    factor_group_size=args.factor_group_size, g_idx=g_idx,
-                    codebooks=codebooks)
+    factor_bits = None if args.factor_bits == 0 else args.factor_bits
+    if args.measured:
+        rules = SettingRules(args.group_size, factor_bits, args.factor_group_size, g_idx,
+                             codebooks)
+        rules.check(bits)
+        check_feasible(loaded.model, loaded.spec, rules, bits, compressions, args.rank_multiple,
+                       budget)
+        search = SensitivityPass(loaded.model, _measuring_quantizer(args, args.quantizer),
+                                 {"quantizer": args.quantizer, "act_order": args.act_order,
+                                  "static_groups": args.static_groups},
+                                 rules, bits, compressions, args.rank_multiple,
+                                 _search_batches(args),
+                                 record=args.measurements or out.with_suffix(".measured.json"),
+                                 identity={"model": model_identity(args.model),
+                                           "calibration": calibration.as_dict(),
+                                           "dtype": str(next(loaded.model.parameters()).dtype)})
+        result = run_stage(loaded, "sensitivity", [search], calibration, device)
+        plan = measured_plan(loaded.model, loaded.spec, search.measured, rules, bits, budget,
+                             compressions, args.rank_multiple)
+        how = {"method": "measured", "search_samples": args.search_samples}
+    else:
+        importance = ImportancePass(args.importance)
+        result = run_stage(loaded, "importance", [importance], calibration, device)
+        plan = allocate(loaded.model, loaded.spec, importance.scores, budget, bits,
+                        group_size=args.group_size, factor_bits=factor_bits,
+                        factor_group_size=args.factor_group_size, g_idx=g_idx,
+                        codebooks=codebooks)
+        how = {"method": args.importance}
     plan.meta.update({"model": args.model, "act_order": args.act_order and not coded,
                       "static_groups": args.static_groups,
-                      "importance": {"method": args.importance,
-                                     "calibration": calibration.as_dict(),
+                      "importance": {**how, "calibration": calibration.as_dict(),
                                      "seconds": round(result.seconds, 2)}})
     plan.save(out)
     png = plot_plan(plan, out.with_suffix(".png"))
-    print(format_plan_table(plan))
+    print(format_measured_table(plan) if args.measured else format_plan_table(plan))
+    if plan_ranks(plan):
+        n_lr = sum(row.get("lowrank") is not None for row in plan.layers)
+        print(f"the plan makes W_q/W_k low-rank in {n_lr} layers: run casp lowrank --model "
+              f"{args.model} --plan {out} before quantizing")
     print(f"plan written to {out}, plot to {png}")
     return 0
+
+
+def _compressions(text: str) -> list[float]:
+    values = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        values.append(_ratio(item))
+    if not values:
+        raise CaspError(f"--lowrank-options {text!r} names no compression; give e.g. 0.75")
+    return sorted(set(values))
+
+
+def _search_batches(args) -> int:
+    """Calibration batches holding --search-samples samples (one per batch with images)."""
+    per_batch = 1 if args.mm_data else args.batch_size
+    return max(1, -(-args.search_samples // per_batch))
+
+
+def _measuring_quantizer(args, quantizer: str):
+    """The quantizer pass the measured search builds each option with, for a plan."""
+    from .quant.aqlm_pass import AQLMPass
+    from .quant.gptq_pass import GPTQPass
+    from .quant.quip_pass import QuIPPass
+
+    if quantizer == "gptq":
+        return lambda plan: GPTQPass(plan=plan, act_order=args.act_order,
+                                     static_groups=args.static_groups)
+    if quantizer == "quip":
+        return lambda plan: QuIPPass(plan=plan)
+    return lambda plan: AQLMPass(plan=plan)
 
 
 def _quantizer_plan(args, quantizer: str):
@@ -636,6 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-multiple", type=_positive, default=1,
                    help="round each rank from --compression down to a multiple of this, e.g. 8 "
                         "so that AQLM's groups of 8 inputs divide the up factor (default: 1)")
+    p.add_argument("--plan", default=None,
+                   help="a plan from casp allocate --measured --lowrank-options: factorise "
+                        "exactly the W_q/W_k it chose, at its ranks, and keep the others dense "
+                        "(replaces --compression and --ranks)")
     p.add_argument("--layers", default=None,
                    help="only these decoder layers, e.g. 0,1 or 0-15 (default: all)")
     p.add_argument("--propagate", choices=["transformed", "original"], default="transformed",
@@ -697,6 +791,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's code). With --quantizer quip: the QuIP# codebook of each width "
                         f"(default: {DEFAULT_QUIP_CODEBOOKS_TEXT}); costs count the codes, one "
                         "sign bit per input and output, and the scale")
+    p.add_argument("--measured", action="store_true",
+                   help="score every option of every layer by measurement instead of the "
+                        "block-influence model: the layer is quantized for real at each width "
+                        "(with --quantizer, its default settings) and scored by the KL "
+                        "divergence of the model's next-token distribution when that layer "
+                        "alone changes; then the knapsack on those numbers. Slower: each layer "
+                        "is quantized once per width")
+    p.add_argument("--lowrank-options", default=None,
+                   help="with --measured, on the original model: also let each layer take "
+                        "whitened low-rank W_q/W_k at these compressions, comma-separated "
+                        "(e.g. 0.75, the paper's; or 0.5,0.75); the search keeps W_q/W_k dense "
+                        "where cutting them costs more than the bits it saves buy. The plan "
+                        "then lists the ranks: run casp lowrank --plan PLAN before quantizing")
+    p.add_argument("--rank-multiple", type=_positive, default=1,
+                   help="with --lowrank-options: round ranks down to a multiple of this (8 for "
+                        "AQLM's groups; default: 1)")
+    p.add_argument("--search-samples", type=_positive, default=8,
+                   help="with --measured: calibration samples (text windows or image samples) "
+                        "whose output divergence is measured, rounded up to whole batches of "
+                        "--batch-size; the quantizers use every sample (default: 8)")
+    p.add_argument("--measurements", default=None,
+                   help="with --measured: the file keeping each layer's measurements (default: "
+                        "PLAN.measured.json beside the plan); an interrupted search resumes from "
+                        "it, and a plan at another --budget with the same model, calibration and "
+                        "options reuses it without measuring again")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     _add_calibration_args(p, nsamples=128, seqlen=2048)
     p.set_defaults(func=cmd_allocate)

@@ -127,6 +127,8 @@ class LayerContext:
         self.prefix = spec.layer_prefix(index)
         self.changes: dict[str, dict] = {}   # full module name -> description
         self.outputs: list[torch.Tensor] | None = None
+        # quantizer passes touch only these modules (relative names) when set
+        self.only: tuple[str, ...] | None = None
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)

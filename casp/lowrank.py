@@ -164,13 +164,16 @@ class LowRankPass(LayerPass):
         rank_multiple: round ranks from ``compression`` down to a multiple of this (at least
             one multiple), so that quantizers with input groups (AQLM's 8) can code the
             ``up`` factor, whose input is the rank.
+        only_ranked: factorise only the modules ``ranks`` names; keep the others dense (a
+            measured plan's choice).
     """
 
     name = "lowrank"
 
     def __init__(self, compression: float = 0.75, method: str = "whitened",
                  ranks: dict[str, int] | None = None, targets: tuple[str, ...] | None = None,
-                 propagate: str = "transformed", rank_multiple: int = 1):
+                 propagate: str = "transformed", rank_multiple: int = 1,
+                 only_ranked: bool = False):
         if rank_multiple < 1:
             raise CaspError(f"rank multiple {rank_multiple} must be at least 1")
         self.rank_multiple = rank_multiple
@@ -179,17 +182,21 @@ class LowRankPass(LayerPass):
         self.ranks = dict(ranks or {})
         self.targets = targets
         self.propagate = propagate
+        self.only_ranked = only_ranked
 
     def settings(self) -> dict:
         return {"compression": self.compression, "method": self.method, "ranks": self.ranks,
                 "targets": list(self.targets) if self.targets else None,
                 "propagate": self.propagate,
                 # only when set, so fingerprints of earlier runs stay valid
-                **({"rank_multiple": self.rank_multiple} if self.rank_multiple != 1 else {})}
+                **({"rank_multiple": self.rank_multiple} if self.rank_multiple != 1 else {}),
+                **({"only_ranked": True} if self.only_ranked else {})}
 
     def rank_for(self, full_name: str, out_features: int, in_features: int) -> int:
         if full_name in self.ranks:
             return int(self.ranks[full_name])
+        if self.only_ranked:
+            return 0                             # saves nothing: stays dense
         rank = rank_for_compression(out_features, in_features, self.compression)
         m = self.rank_multiple
         return max(m, rank // m * m)
@@ -205,7 +212,8 @@ class LowRankPass(LayerPass):
             out_f, in_f = linear.weight.shape
             rank = self.rank_for(ctx.full_name(name), out_f, in_f)
             if not saves_parameters(out_f, in_f, rank):
-                log.info("%s: rank %d saves nothing, kept dense", ctx.full_name(name), rank)
+                if not self.only_ranked:
+                    log.info("%s: rank %d saves nothing, kept dense", ctx.full_name(name), rank)
                 continue
             w = linear.weight.data
             if self.method == "whitened":

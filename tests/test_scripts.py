@@ -156,3 +156,22 @@ def test_quip_end_to_end_script_on_a_tiny_llama(tmp_path, calib_txt):
     for name in ("base", "tiny-quip-e8p12", "tiny-casp-quip"):
         rows = json.loads((work / f"{name}-ppl.json").read_text())
         assert rows[0]["windows"] == 2 and rows[0]["ppl"] > 1
+
+
+def test_measured_script_on_a_tiny_llama(tmp_path, calib_txt):
+    """scripts/casp_measured.sh: measured plan -> lowrank --plan -> GPTQ, at the budget."""
+    src = save_tiny("llama", tmp_path / "base")
+    out = tmp_path / "casp-m"
+    res = run_script("scripts/casp_measured.sh", {
+        "MODEL": str(src), "OUTPUT": str(out), "DATASET": str(calib_txt), "NSAMPLES": "8",
+        "SEQLEN": "32", "BATCH_SIZE": "4", "SEARCH_SAMPLES": "4", "GROUP_SIZE": "32",
+        "BUDGET": "3.1", "ALLOWED_BITS": "2,3", "RANK_MULTIPLE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = json.loads(Path(f"{out}.plan.json").read_text())
+    section = json.loads((out / "config.json").read_text())["casp"]
+    assert [s["stage"] for s in section["stages"]] == ["lowrank", "gptq"]
+    lowrank = {n: d["rank"] for n, d in section["modules"].items() if d["type"] == "lowrank"}
+    assert lowrank == plan["lowrank"]["ranks"] and lowrank
+    from casp.allocation import average_bits
+    assert average_bits(section) == pytest.approx(plan["achieved_bits"]) and \
+        plan["achieved_bits"] <= 3.1

@@ -30,6 +30,8 @@ class ModelSpec:
         frozen: modules that no stage ever changes (vision tower, projector, embeddings,
             lm_head, final norm).
         multimodal: whether the model takes images or video besides text.
+        norm, head: the language model's final norm and output projection (what turns the
+            last decoder layer's output into logits).
     """
 
     name: str
@@ -40,6 +42,8 @@ class ModelSpec:
     multimodal: bool = False
     linear_groups: tuple[tuple[str, ...], ...] = LLAMA_LINEAR_GROUPS
     lowrank_targets: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    norm: str = "model.norm"
+    head: str = "lm_head"
 
     @property
     def linears(self) -> tuple[str, ...]:

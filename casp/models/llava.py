@@ -14,7 +14,8 @@ _FROZEN = (
 def _llava(name: str, architecture: str, also_frozen: tuple[str, ...] = ()) -> ModelSpec:
     return ModelSpec(name=name, architectures=(architecture,),
                      layers="model.language_model.layers", text_config="text_config",
-                     frozen=_FROZEN + also_frozen, multimodal=True)
+                     frozen=_FROZEN + also_frozen, multimodal=True,
+                     norm="model.language_model.norm")
 
 
 LLAVA = _llava("llava", "LlavaForConditionalGeneration")

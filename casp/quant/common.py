@@ -14,15 +14,19 @@ from ..models import ModelSpec
 log = logging.getLogger("casp")
 
 
-def layer_quantization_groups(layer: nn.Module, spec: ModelSpec) -> list[list[str]]:
+def layer_quantization_groups(layer: nn.Module, spec: ModelSpec,
+                              only: tuple[str, ...] | None = None) -> list[list[str]]:
     """The linears of one decoder layer to quantize, in true-sequential order, names
     relative to the layer. A low-rank module contributes its two factors: ``down`` with
     the module's group (it sees the same input) and ``up`` in a group right after (its input
-    is ``down``'s output)."""
+    is ``down``'s output). ``only`` keeps just the linears of those modules (the measured
+    search quantizes the low-rank factors alone)."""
     groups: list[list[str]] = []
     for group in spec.linear_groups:
         first, follow = [], []
         for name in group:
+            if only is not None and name not in only:
+                continue
             module = layer.get_submodule(name)
             if isinstance(module, LowRankLinear):
                 for part, bucket in (("down", first), ("up", follow)):
@@ -31,7 +35,8 @@ def layer_quantization_groups(layer: nn.Module, spec: ModelSpec) -> list[list[st
             else:
                 _check_dense(module, name)
                 first.append(name)
-        groups.append(first)
+        if first:
+            groups.append(first)
         if follow:
             groups.append(follow)
     return groups
@@ -81,7 +86,7 @@ class PlannedPass:
 def checked_groups(ctx, module_setting) -> list[list[str]]:
     """The layer's quantization groups, after checking every module's shape against the
     setting ``module_setting(full name)`` gives it (bad shapes refused before any work)."""
-    groups = layer_quantization_groups(ctx.layer, ctx.spec)
+    groups = layer_quantization_groups(ctx.layer, ctx.spec, ctx.only)
     for group in groups:
         for name in group:
             module_setting(ctx.full_name(name)).check(*ctx.module(name).weight.shape,

@@ -53,7 +53,7 @@ class GPTQPass(LayerPass):
         return int(entry.get("bits", self.bits)), int(entry.get("group_size", self.group_size))
 
     def process(self, ctx: LayerContext) -> None:
-        groups = layer_quantization_groups(ctx.layer, ctx.spec)
+        groups = layer_quantization_groups(ctx.layer, ctx.spec, ctx.only)
         quantize_in_order(ctx, groups, self.true_sequential, self._quantize)
 
     def _quantize(self, ctx: LayerContext, name: str, gram) -> None:

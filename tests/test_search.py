@@ -1,0 +1,309 @@
+"""The measured search (casp allocate --measured [--lowrank-options]): the knapsack over
+arbitrary options, the output divergence it measures, the plan with its low-rank choice,
+casp lowrank --plan, the quantizers with that plan, resume and bad input."""
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from casp.allocation import BitPlan, SettingRules, average_bits, solve_choices
+from casp.checkpoint import load_checkpoint, read_casp_section
+from casp.cli import main
+from casp.data.calibration import CalibrationConfig, calibration_batches
+from casp.errors import CaspError
+from casp.layerwise import LayerContext, capture_layer_inputs
+from casp.loading import load_pretrained
+from casp.lowrank import LowRankLinear
+from casp.quant.gptq_pass import GPTQPass
+from casp.search import SensitivityPass
+from tiny import save_tiny
+
+CALIB = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4"]
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+# ----------------------------------------------------------------------------- the knapsack
+
+def brute_force(options, budget):
+    best = None
+    for combo in itertools.product(*[list(o) for o in options]):
+        cost = sum(o[k][0] for o, k in zip(options, combo))
+        err = sum(o[k][1] for o, k in zip(options, combo))
+        if cost <= budget and (best is None or err < best[0] - 1e-12):
+            best = (err, combo)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_over_arbitrary_options_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    options = []
+    for _ in range(5):
+        # options that are cheaper and better, dearer and worse, ...: no order assumed
+        options.append({f"o{k}": (int(rng.integers(500, 4000)), float(rng.uniform(0, 1)))
+                        for k in range(4)})
+    cheapest = sum(min(c for c, _ in o.values()) for o in options)
+    budget = int(cheapest + rng.uniform(0.2, 0.8) * (sum(max(c for c, _ in o.values())
+                                                        for o in options) - cheapest))
+    chosen = solve_choices(options, budget, resolution=20000)
+    cost = sum(o[k][0] for o, k in zip(options, chosen))
+    err = sum(o[k][1] for o, k in zip(options, chosen))
+    assert cost <= budget
+    assert err == pytest.approx(brute_force(options, budget)[0], rel=1e-9)
+
+
+def test_knapsack_refuses_a_budget_below_the_cheapest_options():
+    options = [{"a": (100, 1.0), "b": (200, 0.5)}, {"a": (100, 1.0)}]
+    with pytest.raises(CaspError):
+        solve_choices(options, 199)
+    assert solve_choices(options, 300) == ["b", "a"]
+
+
+# ----------------------------------------------------------------------------- the divergence
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, calib_txt):
+    root = tmp_path_factory.mktemp("search")
+    return save_tiny("llama", root / "llama", layers=3), calib_txt
+
+
+def _context(src, calib_txt, index=1):
+    """Layer ``index`` of a tiny llama with its inputs, as the engine gives it."""
+    loaded = load_pretrained(str(src))
+    cfg = CalibrationConfig(dataset=str(calib_txt), nsamples=8, seqlen=32, batch_size=4)
+    batches = calibration_batches(loaded, cfg)
+    device = torch.device("cpu")
+    inputs = capture_layer_inputs(loaded.model, loaded.spec, batches, device)
+    layers = loaded.spec.decoder_layers(loaded.model)
+    with torch.no_grad():
+        for i in range(index):
+            outs = [layers[i](h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+            inputs.hidden = [o[0] if isinstance(o, tuple) else o for o in outs]
+    ctx = LayerContext(index, layers[index], loaded.spec, inputs, device)
+    return loaded, batches, ctx
+
+
+def _search(loaded, **kw):
+    rules = SettingRules(group_size=32)
+    return SensitivityPass(loaded.model, lambda plan: GPTQPass(plan=plan), {}, rules, [2, 4],
+                           [], **kw)
+
+
+@torch.no_grad()
+def test_divergence_is_the_kl_of_the_whole_models_outputs(tiny_llama):
+    src, calib_txt = tiny_llama
+    loaded, batches, ctx = _context(src, calib_txt)
+    search = _search(loaded, measure_batches=2)
+    search._ensure_reference(ctx)
+    assert search._divergence(ctx, ctx.layer) < 1e-7          # the layer unchanged: zero
+    changed = copy.deepcopy(ctx.layer)
+    changed.mlp.down_proj.weight.mul_(4.0)
+    measured = search._divergence(ctx, changed)
+    # the same divergence from two full forward passes of the model
+    model = loaded.model
+    ref = torch.cat([torch.log_softmax(model(**b).logits.float(), -1).reshape(-1, model.config.vocab_size)
+                     for b in batches[:2]])
+    layers = loaded.spec.decoder_layers(model)
+    original = layers[1]
+    layers[1] = changed
+    try:
+        new = torch.cat([torch.log_softmax(model(**b).logits.float(), -1).reshape(-1, model.config.vocab_size)
+                         for b in batches[:2]])
+    finally:
+        layers[1] = original
+    expected = float((ref.exp() * (ref - new)).sum(-1).mean())
+    assert expected > 1e-5
+    assert measured == pytest.approx(expected, rel=1e-3)
+
+
+def test_more_bits_measure_a_smaller_divergence(tiny_llama):
+    src, calib_txt = tiny_llama
+    loaded, _, ctx = _context(src, calib_txt)
+    search = _search(loaded, measure_batches=2)
+    search.process(ctx)
+    m = search.measured[1]
+    assert set(m) == {"dense@2", "dense@4"}
+    assert m["dense@2"]["kl"] > 3 * m["dense@4"]["kl"] > 0
+    # the layer itself is left as it was
+    assert type(ctx.layer.self_attn.q_proj) is torch.nn.Linear
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory, tiny_llama):
+    """allocate --measured --lowrank-options at a budget dense layers cannot meet, then
+    lowrank --plan and GPTQ with the plan."""
+    src, calib_txt = tiny_llama
+    root = tmp_path_factory.mktemp("measured")
+    data = ["--dataset", calib_txt] + CALIB
+    plan = root / "plan.json"
+    # dense at the lowest width (2 bits, group 32, group indices) stores 3.22 bits here; the
+    # cheapest options (75% low-rank everywhere) 2.94: 3.1 forces cuts
+    assert run("allocate", "--model", src, "--output", plan, "--budget", "3.1", "--bits", "2,3",
+               "--group-size", "32", "--measured", "--lowrank-options", "0.5,0.75",
+               "--search-samples", "4", *data) == 0
+    assert run("lowrank", "--model", src, "--plan", plan, "--output", root / "lr", *data) == 0
+    assert run("gptq", "--model", root / "lr", "--plan", plan, "--output", root / "q", *data) == 0
+    return src, root, plan, data
+
+
+def test_measured_plan_chooses_low_rank_layers_and_meets_the_budget(measured_run):
+    src, root, plan_path, _ = measured_run
+    plan = BitPlan.load(plan_path)
+    assert plan.meta["allocation"] == "measured"
+    assert plan.achieved_bits <= 3.1
+    chosen = [r for r in plan.layers if r["lowrank"] is not None]
+    assert chosen, "the budget needs some low-rank layers"
+    record = json.loads(plan_path.with_suffix(".measured.json").read_text())["layers"]
+    rules = SettingRules(group_size=32, g_idx=True)
+    for r in plan.layers:
+        label = ("dense" if r["lowrank"] is None else f"lowrank{r['lowrank']:g}") + f"@{r['bits']}"
+        assert len(r["measured"]) == 6                 # dense, 50%, 75% x widths 2, 3
+        assert r["kl"] == pytest.approx(record[str(r["layer"])][label]["kl"], abs=1e-8)
+        # the layer's stored bits are what its modules in the plan cost
+        names = [n for n in plan.modules if n.startswith(f"model.layers.{r['layer']}.")]
+        assert r["stored_bits"] == rules.layer_cost(
+            {n: tuple(plan.modules[n]["shape"]) for n in names}, r["bits"])
+    # no other choice of the measured options fits the budget with a smaller summed KL
+    options = []
+    for i in range(3):
+        opts = {}
+        for label, m in record[str(i)].items():
+            bits = int(label.rsplit("@", 1)[1])
+            opts[label] = (rules.layer_cost({n: tuple(x) for n, x in m["shapes"].items()}, bits),
+                           m["kl"])
+        options.append(opts)
+    best = brute_force(options, int(3.1 * plan.meta["dense_parameters"]))
+    assert sum(r["kl"] for r in plan.layers) == pytest.approx(best[0], abs=1e-7)
+    # the measurements were kept beside the plan
+    assert len(json.loads(plan_path.with_suffix(".measured.json").read_text())["layers"]) == 3
+    assert plan_path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_lowrank_plan_factorises_exactly_the_chosen_modules(measured_run):
+    src, root, plan_path, _ = measured_run
+    plan = BitPlan.load(plan_path)
+    ranks = plan.meta["lowrank"]["ranks"]
+    section = read_casp_section(root / "lr")
+    lowrank = {n: d["rank"] for n, d in section["modules"].items() if d["type"] == "lowrank"}
+    assert lowrank == ranks
+    model = load_checkpoint(root / "lr").model
+    for r in plan.layers:
+        q = model.model.layers[r["layer"]].self_attn.q_proj
+        assert isinstance(q, LowRankLinear) == (r["lowrank"] is not None)
+
+
+def test_quantized_checkpoint_follows_the_measured_plan(measured_run):
+    src, root, plan_path, _ = measured_run
+    plan = BitPlan.load(plan_path)
+    section = read_casp_section(root / "q")
+    quantized = {n: d for n, d in section["modules"].items() if d["type"] == "gptq"}
+    assert set(quantized) == set(plan.modules)
+    for name, d in quantized.items():
+        assert d["bits"] == plan.modules[name]["bits"]
+    assert average_bits(section) == pytest.approx(plan.achieved_bits)
+
+
+def test_another_budget_reuses_the_measurements(measured_run, monkeypatch, tmp_path):
+    src, root, plan_path, data = measured_run
+
+    monkeypatch.setattr(SensitivityPass, "_quantized", lambda *a, **k: pytest.fail("measured"))
+    out = tmp_path / "plan3.json"
+    assert run("allocate", "--model", src, "--output", out, "--budget", "3.6", "--bits", "2,3",
+               "--group-size", "32", "--measured", "--lowrank-options", "0.5,0.75",
+               "--search-samples", "4", "--measurements",
+               plan_path.with_suffix(".measured.json"), *data) == 0
+    wider = BitPlan.load(out)
+    assert 3.1 < wider.achieved_bits <= 3.6
+    assert sum(r["kl"] for r in wider.layers) < sum(r["kl"] for r in BitPlan.load(plan_path).layers)
+
+
+def test_measured_without_lowrank_options_and_a_new_output_folder(tiny_llama, tmp_path,
+                                                                 capsys):
+    """Widths only (no low-rank choice): the plan matches the original model; the plan's
+    folder is created; casp lowrank --plan refuses a plan that cut nothing."""
+    src, calib_txt = tiny_llama
+    data = ["--dataset", calib_txt] + CALIB
+    plan = tmp_path / "new" / "folder" / "plan.json"
+    assert run("allocate", "--model", src, "--output", plan, "--budget", "3.6", "--bits", "2,3",
+               "--group-size", "32", "--measured", "--search-samples", "4", *data) == 0
+    p = BitPlan.load(plan)
+    assert all(r["lowrank"] is None and set(r["measured"]) == {"dense@2", "dense@3"}
+               for r in p.layers)
+    assert {r["bits"] for r in p.layers} == {2, 3} and p.achieved_bits <= 3.6
+    assert run("gptq", "--model", src, "--plan", plan, "--output", tmp_path / "q", *data) == 0
+    assert average_bits(read_casp_section(tmp_path / "q")) == pytest.approx(p.achieved_bits)
+    assert run("lowrank", "--model", src, "--plan", plan, "--output", tmp_path / "lr",
+               *data) == 2
+    assert "chose no low-rank step" in capsys.readouterr().err
+    assert not (tmp_path / "lr").exists()
+
+
+def test_a_record_of_other_settings_is_not_reused(tiny_llama, tmp_path):
+    src, calib_txt = tiny_llama
+    loaded, _, ctx = _context(src, calib_txt)
+    record = tmp_path / "m.json"
+    first = _search(loaded, measure_batches=1, record=record)
+    first.process(ctx)
+    assert _search(loaded, measure_batches=1, record=record).measured.keys() == {1}
+    assert _search(loaded, measure_batches=2, record=record).measured == {}
+    other = _search(loaded, measure_batches=1, record=record, identity={"model": "another"})
+    assert other.measured == {}
+
+
+def test_measured_quip_plan_on_tiny_llava(tmp_path, calib_txt):
+    """The LLaVA layout (its own final norm), QuIP# codebooks, factors at 4 bits."""
+    src = save_tiny("llava", tmp_path / "llava", layers=2)
+    data = ["--dataset", calib_txt] + CALIB
+    plan = tmp_path / "plan.json"
+    # under what uniform E8P12 stores (2.034 on this model): some W_q/W_k must be cut
+    assert run("allocate", "--quantizer", "quip", "--model", src, "--output", plan, "--budget",
+               "2.0", "--bits", "2,3", "--factor-bits", "2", "--measured",
+               "--lowrank-options", "0.75", "--rank-multiple", "8", "--search-samples", "4",
+               *data) == 0
+    p = BitPlan.load(plan)
+    assert p.achieved_bits <= 2.0
+    assert all(set(r["measured"]) == {"dense@2", "dense@3", "lowrank0.75@2", "lowrank0.75@3"}
+               for r in p.layers)
+    assert p.meta["lowrank"]["ranks"]
+    assert run("lowrank", "--model", src, "--plan", plan, "--output", tmp_path / "lr",
+               *data) == 0
+    assert run("quip", "--model", tmp_path / "lr", "--plan", plan, "--output", tmp_path / "q",
+               *data) == 0
+    section = read_casp_section(tmp_path / "q")
+    assert average_bits(section) == pytest.approx(p.achieved_bits)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_measured_input_is_refused(tiny_llama, tmp_path, capsys):
+    src, calib_txt = tiny_llama
+    data = ["--dataset", calib_txt] + CALIB
+    base = ["allocate", "--model", src, "--output", tmp_path / "p.json", "--bits", "2,3",
+            "--group-size", "32"]
+    assert run(*base, "--budget", "3", "--lowrank-options", "0.75", *data) == 2
+    assert "needs --measured" in capsys.readouterr().err
+    assert run(*base, "--budget", "3", "--measured", "--lowrank-options", "1.5", *data) == 2
+    assert "(0, 1)" in capsys.readouterr().err
+    # an infeasible budget is refused before any measuring
+    assert run(*base, "--budget", "2.1", "--measured", "--lowrank-options", "0.5", *data) == 2
+    assert "cannot be met" in capsys.readouterr().err
+    assert not (tmp_path / "p.measured.json").exists() and not (tmp_path / "p.json").exists()
+    # lowrank --plan with a plan that chose no low-rank step
+    assert run(*base, "--budget", "3.5", *data) == 0
+    assert run("lowrank", "--model", src, "--plan", tmp_path / "p.json", "--output",
+               tmp_path / "lr", *data) == 2
+    assert "chose no low-rank step" in capsys.readouterr().err
+    # low-rank options on a model that is already low-rank
+    assert run("lowrank", "--model", src, "--output", tmp_path / "lr2", *data) == 0
+    assert run("allocate", "--model", tmp_path / "lr2", "--output", tmp_path / "p2.json",
+               "--budget", "3", "--bits", "2,3", "--group-size", "32", "--measured",
+               "--lowrank-options", "0.5", *data) == 2
+    assert "already has low-rank modules" in capsys.readouterr().err
