@@ -37,6 +37,7 @@ from quip_quality import lowrank_note  # noqa: E402
 MODEL = "mini-llava"
 MODEL_NAME = "mini LLaVA (DINOv2 ViT-S/14 + projector + SmolLM2-135M-Instruct)"
 ALLOWED_BITS = "2,3,4,5"
+MEASURED_BITS = "2,3,4"         # the measured search: each width costs a quantization per layer
 
 
 def calib_flags(args, text: bool) -> list:
@@ -130,7 +131,7 @@ def run(args) -> list[dict]:
 
 def measured_rows(args) -> list[dict]:
     """casp_gptq_m at each GPTQ budget, image-calibrated: the measured search (each layer's
-    W_q/W_k dense or low-rank 75%, each width of ALLOWED_BITS, scored by the KL of the
+    W_q/W_k dense or low-rank 75%, each part's width of MEASURED_BITS, scored by the KL of the
     model's next-token distribution each option causes on easy-vqa samples; one set of
     measurements for every budget) -> casp lowrank --plan -> GPTQ with the plan."""
     work = Path(args.work)
@@ -142,7 +143,7 @@ def measured_rows(args) -> list[dict]:
         plan = work / f"plan-casp_gptq_m-w{bits}.json"
         if not plan.is_file():
             casp("allocate", "--model", MODEL, "--output", plan, "--budget", f"{bits}@128",
-                 "--bits", ALLOWED_BITS, "--factor-bits", 3, "--measured", "--lowrank-options",
+                 "--bits", MEASURED_BITS, "--factor-bits", 3, "--measured", "--lowrank-options",
                  0.75, "--rank-multiple", 8, "--search-samples", args.search_samples,
                  "--measurements", measurements, *calib_flags(args, False), log=log)
         plan_data = json.loads(plan.read_text())
@@ -163,8 +164,10 @@ def measured_rows(args) -> list[dict]:
                         calibration=f"easy-vqa train {args.mm_nsamples} image+question+answer "
                                     "samples",
                         allocation="measured", search_samples=args.search_samples,
+                        allowed_bits=MEASURED_BITS,
                         layer_bits=[l["bits"] for l in layers],
-                        lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None]))
+                        lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None],
+                        parts=[l["units"] for l in layers]))
         print(f"casp_gptq_m at the w{bits}g128 budget: {avg_bits_of(out):.4f} bits, accuracy "
               f"{rows[-1]['accuracy']:.4f}", flush=True)
     return rows
@@ -219,7 +222,8 @@ def table(rows: list[dict], args) -> str:
                     for b in sorted(set(plan)) if b != min(plan)}
             note = " (" + "; ".join(f"{b} bits: layers {', '.join(map(str, v))}"
                                     for b, v in wide.items()) + ")" if wide else ""
-            note += lowrank_note(s)
+            if s.get("parts") is not None:
+                note = lowrank_note(s)
         size = f"{r['size_bytes'] / 2**20:.1f}" if r["size_bytes"] else "-"
         calib = "images" if "easy-vqa" in s.get("calibration", "") else (
             "text" if s.get("calibration") else "-")
@@ -259,7 +263,7 @@ def main() -> None:
                    help="AQLM rounds per module at most (default 8, for CPU time)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "mini_llava"),
                    help="where checkpoints and logs go (reused by a rerun)")
-    add_measured_args(p, "casp_gptq_m", 16, "easy-vqa samples")
+    add_measured_args(p, "casp_gptq_m", 8, "easy-vqa samples")
     args = p.parse_args()
     start = time.perf_counter()
     if args.measured_only:

@@ -157,7 +157,8 @@ def measured_rows(args) -> list[dict]:
                      allowed_bits=ALLOWED_BITS, codebook_map=CODEBOOK_MAP,
                      factor_bits=MEASURED_FACTOR_BITS, search_samples=args.search_samples,
                      layer_bits=[l["bits"] for l in layers],
-                     lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None])
+                     lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None],
+                     parts=[l["units"] for l in layers])
     rows = row("casp_quip_m", avg_bits_of(out), evaluate(out, work, args), seconds,
                peak_of(out), out, args, **extra)
     print(f"casp_quip_m at the {codebook} budget: {avg_bits_of(out):.4f} bits", flush=True)
@@ -177,16 +178,31 @@ NAMES = {"fp": "-", "quip": "{cb}, every linear",
          "alloc_only_quip": "plan at the {cb} budget, no low-rank",
          "lowrank_only_quip": "low-rank 75% + {cb}",
          "casp_quip_m": "measured search at the {cb} budget (per layer: W_q/W_k dense or "
-                        "low-rank 75%, factors 4-bit)"}
+                        "low-rank 75% with 4-bit factors, each part's codebook)"}
+
+
+PART_LABELS = {"qk": "W_q/W_k", "self_attn": "W_v/W_o", "mlp": "MLP"}
 
 
 def lowrank_note(settings: dict) -> str:
-    """Which layers a measured plan made low-rank."""
-    layers = settings.get("lowrank_layers")
-    if layers is None:
+    """What a measured plan chose: the low-rank layers, and the parts above the lowest
+    width."""
+    parts = settings.get("parts")
+    if parts is None:
         return ""
-    return f" (low-rank W_q/W_k: layers {', '.join(map(str, layers))})" if layers else \
-        " (no layer low-rank)"
+    lowest = min(int(b) for b in str(settings.get("allowed_bits", "2")).split(","))
+    layers = settings.get("lowrank_layers") or []
+    text = [f"low-rank W_q/W_k: layers {', '.join(map(str, layers))}" if layers
+            else "no layer low-rank"]
+    wider: dict = {}
+    for i, chosen in enumerate(parts):
+        for part, label in chosen.items():
+            width = int(label.rsplit("@", 1)[1])
+            if label.startswith("dense") and width > lowest:
+                wider.setdefault((width, part), []).append(i)
+    for (width, part), idx in sorted(wider.items()):
+        text.append(f"{PART_LABELS.get(part, part)} {width} bits: layers {', '.join(map(str, idx))}")
+    return " (" + "; ".join(text) + ")"
 
 
 def table(rows: list[dict], args) -> str:
@@ -210,7 +226,8 @@ def table(rows: list[dict], args) -> str:
                     for b in sorted(set(plan)) if b > 2}
             note = " (" + "; ".join(f"{b} bits: layers {', '.join(map(str, v))}"
                                     for b, v in wide.items()) + ")" if wide else " (all 2 bits)"
-            note += lowrank_note(w["settings"])
+            if w["settings"].get("parts") is not None:
+                note = lowrank_note(w["settings"])
         lines.append(f"| {method} | {NAMES.get(method, method).format(cb=codebook)}{note} | "
                      f"{bits} | {w['ppl']:.2f} | {d['lee']['ppl']:.2f} | "
                      f"{w['quant_seconds'] or '-'} | {w['peak_mem_gb'] or '-'} | {size} | "

@@ -1,29 +1,30 @@
-"""Stage 2, measured: each layer's options scored by what they do to the model's output.
+"""Stage 2, measured: each part of each layer scored by what it does to the model's output.
 
 The block-influence allocation models a layer's error at b bits as w_i n_i 2^(-2b) and
-takes the low-rank stage as given. Here every option of every layer is built for real and
-measured instead:
+takes the low-rank stage as given. Here the options are built for real and measured:
 
-    options of layer i:  W_q/W_k dense or low-rank (each compression asked for)
-                         x each allowed width (the quantizer of the plan, on the
-                           calibration data, with the layer's real inputs; a low-rank
-                           option reuses the other linears of the dense option at its
-                           width, quantized after the dense W_q/W_k: one quantization per
-                           width instead of two)
+    parts of layer i:    W_q/W_k, the other attention linears (W_v/W_o), the MLP
+    options of a part:   each allowed width (the plan's quantizer on the calibration data,
+                         with the layer's real inputs); W_q/W_k also low-rank at each
+                         compression asked for, its factors at the factor bits
     score of an option:  KL(p_fp || p_option), the mean over the measured calibration
                          tokens of the divergence of the model's next-token distribution
-                         when layer i alone takes the option (every other layer in full
-                         precision; layers after i run on the changed outputs)
+                         when that part alone takes the option (every other part and layer
+                         in full precision; layers after i run on the changed outputs)
 
 then the multiple-choice knapsack (:func:`casp.allocation.solve_choices`) picks one option
-per layer minimising the summed divergence at the budget. A layer is low-rank only where
-that pays: where W_q/W_k are cheap to cut, the bits saved go to the layers where a wider
-code helps most, and where cutting them costs more than the bits buy, they stay dense. The
+per part minimising the summed divergence at the budget. W_q/W_k are low-rank only where
+that pays: where they are cheap to cut, the bits saved go to the parts where a wider code
+helps most (a layer's W_v/W_o cost a fraction of a whole layer's upgrade, so small savings
+buy something), and where cutting them costs more than the bits buy, they stay dense. The
 plan lists the chosen ranks; ``casp lowrank --plan`` applies them to the original model
 before the quantizer runs with the same plan.
 
-Cost: each layer is quantized once per width (the low-rank factors once more), and the
-layers after it run once per option on the measured tokens.
+Approximations, for speed: each width's quantized linears come from one quantization of the
+whole layer (true-sequential, so W_v/W_o/MLP were quantized after the dense W_q/W_k at that
+width), and the parts' divergences are taken as additive. Cost: each layer is quantized once
+per width (the low-rank factors once more), and the layers after it run once per option on
+the measured samples.
 """
 from __future__ import annotations
 
@@ -61,6 +62,18 @@ class Option:
         return f"{shape}@{self.bits}"
 
 
+QK = "qk"
+UNIT_NAMES = {QK: "W_q/W_k (bits or low-rank)", "self_attn": "W_v/W_o bits", "mlp": "MLP bits"}
+
+
+def unit_of(spec, name: str) -> str:
+    """The part of a decoder layer a linear (relative name; a low-rank factor counts as its
+    module) belongs to, each part taking its own option: the low-rank targets W_q/W_k
+    ("qk"), the rest by the submodule they sit in ("self_attn": W_v/W_o, "mlp")."""
+    base = name.rsplit(".", 1)[0] if name.endswith((".down", ".up")) else name
+    return QK if base in spec.lowrank_targets else base.split(".")[0]
+
+
 def layer_shapes(ctx: LayerContext, layer: nn.Module) -> dict[str, list[int]]:
     """(out, in) of each quantizable linear of a (variant of a) layer, by full name."""
     return {ctx.full_name(n): list(layer.get_submodule(n).weight.shape)
@@ -68,8 +81,9 @@ def layer_shapes(ctx: LayerContext, layer: nn.Module) -> dict[str, list[int]]:
 
 
 class SensitivityPass(LayerPass):
-    """Measures every option of every layer; changes nothing (the next layer sees the
-    original outputs). ``measured[i]`` after the walk: {label: {"kl", "shapes", "ranks"}}.
+    """Measures every option of every part of every layer; changes nothing (the next layer
+    sees the original outputs). ``measured[i]`` after the walk:
+    {part: {label: {"kl", "shapes", "ranks"}}}, labels "dense@3", "lowrank0.75@4".
 
     Args:
         model: the whole model (the layers after the current one, the final norm and the
@@ -110,12 +124,10 @@ class SensitivityPass(LayerPass):
         self._load_record()
 
     def settings(self) -> dict:
-        return {"quantizer": self.quantizer_settings, "rules": self.rules.meta(),
+        return {"parts": [QK, "rest by submodule"], "quantizer": self.quantizer_settings,
+                "rules": self.rules.meta(),
                 "widths": self.widths, "compressions": self.compressions,
                 "rank_multiple": self.rank_multiple, "measure_batches": self.measure_batches}
-
-    def options(self) -> list[Option]:
-        return [Option(c, b) for c in [None, *self.compressions] for b in self.widths]
 
     # -- resume -------------------------------------------------------------------------
 
@@ -215,13 +227,28 @@ class SensitivityPass(LayerPass):
             return
         start = time.perf_counter()
         self._ensure_reference(ctx)
-        results: dict[str, dict] = {}
-        shapes = layer_shapes(ctx, ctx.layer)
-        quantized = {}
-        for b in self.widths:
-            quantized[b] = self._quantized(ctx, copy.deepcopy(ctx.layer), b)
-            results[Option(None, b).label] = {"kl": self._divergence(ctx, quantized[b]),
-                                              "shapes": shapes, "ranks": {}}
+        names = [n for g in layer_quantization_groups(ctx.layer, ctx.spec) for n in g]
+        units: dict[str, list[str]] = {}
+        for n in names:
+            units.setdefault(unit_of(ctx.spec, n), []).append(n)
+        quantized = {b: self._quantized(ctx, copy.deepcopy(ctx.layer), b) for b in self.widths}
+
+        def variant(parts: dict[str, nn.Module]) -> float:
+            """KL with the full-precision layer but for ``parts`` (relative name -> module)."""
+            layer = copy.deepcopy(ctx.layer)
+            for n, module in parts.items():
+                layer.set_submodule(n, copy.deepcopy(module))
+            return self._divergence(ctx, layer)
+
+        def shapes_of(layer: nn.Module, members) -> dict[str, list[int]]:
+            return {ctx.full_name(n): list(layer.get_submodule(n).weight.shape) for n in members}
+
+        results: dict[str, dict] = {u: {} for u in units}
+        for u, members in units.items():
+            for b in self.widths:
+                results[u][Option(None, b).label] = {
+                    "kl": variant({n: quantized[b].get_submodule(n) for n in members}),
+                    "shapes": shapes_of(ctx.layer, members), "ranks": {}}
         targets = ctx.spec.lowrank_targets
         for c in self.compressions:
             lowrank = copy.deepcopy(ctx.layer)
@@ -232,26 +259,24 @@ class SensitivityPass(LayerPass):
                      if isinstance(lowrank.get_submodule(t), LowRankLinear)}
             if not ranks:
                 continue                       # nothing to save at this compression
-            lr_shapes = layer_shapes(ctx, lowrank)
-            # the factors' quantization depends on the layer width only when they take it
-            factor_widths = ([None] if self.rules.factor_bits is not None else self.widths)
             cut = tuple(full[len(ctx.prefix) + 1:] for full in ranks)
-            factors = {w: self._quantized(ctx, copy.deepcopy(lowrank), w or self.widths[0],
-                                          only=cut) for w in factor_widths}
-            for b in self.widths:
-                # an approximation that saves a quantization per width: the layer's other
-                # linears are those of the dense option at b (quantized after the dense
-                # q/k, not after the factors, as the real run does)
-                variant = copy.deepcopy(quantized[b])
-                source = factors[None if self.rules.factor_bits is not None else b]
-                for full in ranks:                # the factorised ones; the rest as at b
-                    t = full[len(ctx.prefix) + 1:]
-                    variant.set_submodule(t, copy.deepcopy(source.get_submodule(t)))
-                results[Option(c, b).label] = {"kl": self._divergence(ctx, variant),
-                                               "shapes": lr_shapes, "ranks": ranks}
+            lr_members = [n for g in layer_quantization_groups(lowrank, ctx.spec) for n in g
+                          if unit_of(ctx.spec, n) == QK]
+            # factors at fixed bits, all targets cut: one option; otherwise one per width
+            fixed = self.rules.factor_bits is not None and len(cut) == len(targets)
+            widths = [self.rules.factor_bits] if fixed else self.widths
+            factors = {w: self._quantized(ctx, copy.deepcopy(lowrank), w, only=cut)
+                       for w in widths}
+            for w in widths:
+                parts = {t: factors[w].get_submodule(t) for t in cut}
+                parts.update({t: quantized[w].get_submodule(t) for t in targets if t not in cut})
+                results[QK][Option(c, w).label] = {"kl": variant(parts),
+                                                   "shapes": shapes_of(lowrank, lr_members),
+                                                   "ranks": ranks}
         self.measured[ctx.index] = results
         self._save_record()
-        summary = ", ".join(f"{k} {v['kl']:.4g}" for k, v in results.items())
+        summary = "; ".join(f"{u}: " + ", ".join(f"{k} {v['kl']:.4g}" for k, v in r.items())
+                            for u, r in results.items())
         log.info("layer %d measured in %.1f s: KL %s", ctx.index, time.perf_counter() - start,
                  summary)
 
@@ -291,21 +316,23 @@ def check_feasible(model: nn.Module, spec, rules: SettingRules, widths: list[int
 def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: SettingRules,
                   widths: list[int], budget: float, compressions: list[float],
                   rank_multiple: int) -> BitPlan:
-    """Solve the knapsack on the measurements and write the plan: every module of the
-    model as it will be after the chosen low-rank factorisations, and the ranks."""
+    """Solve the knapsack over every (layer, part) on the measurements and write the plan:
+    every module of the model as it will be after the chosen low-rank factorisations, each
+    part's width, and the ranks."""
     dense = dense_parameters(model, spec)
     n_layers = len(spec.decoder_layers(model))
     missing = [i for i in range(n_layers) if i not in measured]
     if missing:
         raise CaspError(f"no measurements for layer {missing[0]}")
-    options = []
+    items, options = [], []
     for i in range(n_layers):
-        opts = {}
-        for label, m in measured[i].items():
-            bits = int(label.rsplit("@", 1)[1])
-            shapes = {n: tuple(s) for n, s in m["shapes"].items()}
-            opts[label] = (rules.layer_cost(shapes, bits), m["kl"])
-        options.append(opts)
+        for unit, labelled in measured[i].items():
+            opts = {}
+            for label, m in labelled.items():
+                shapes = {n: tuple(x) for n, x in m["shapes"].items()}
+                opts[label] = (rules.layer_cost(shapes, _width(label)), m["kl"])
+            items.append((i, unit))
+            options.append(opts)
     budget_total = int(math.floor(budget * dense))
     try:
         chosen = solve_choices(options, budget_total)
@@ -314,25 +341,39 @@ def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: Sett
         raise CaspError(f"budget {budget} bits cannot be met: the cheapest options already "
                         f"need {lowest:.4f} average bits; raise --budget, allow fewer bits or "
                         "add low-rank options")
-    modules, layers_out, ranks, total = {}, [], {}, 0
-    for i, label in enumerate(chosen):
-        m = measured[i][label]
-        bits = int(label.rsplit("@", 1)[1])
+    modules, ranks, total = {}, {}, 0
+    rows = {i: {"layer": i, "units": {}, "lowrank": None, "kl": 0.0, "stored_bits": 0,
+                "measured": {u: {k: round(v["kl"], 8) for k, v in r.items()}
+                             for u, r in measured[i].items()}} for i in range(n_layers)}
+    for (i, unit), label, opts in zip(items, chosen, options):
+        m = measured[i][unit][label]
         for name, shape in m["shapes"].items():
-            modules[name] = rules.entry(name, bits, shape)
+            modules[name] = rules.entry(name, _width(label), shape)
         ranks.update(m["ranks"])
-        cost = options[i][label][0]
-        total += cost
-        lowrank = label.split("@")[0]
-        layers_out.append({"layer": i, "bits": bits,
-                           "lowrank": None if lowrank == "dense" else float(lowrank[7:]),
-                           "kl": round(m["kl"], 8), "stored_bits": cost,
-                           "measured": {k: round(v["kl"], 8) for k, v in measured[i].items()}})
+        row = rows[i]
+        row["units"][unit] = label
+        row["kl"] += m["kl"]
+        row["stored_bits"] += opts[label][0]
+        if label.startswith("lowrank"):
+            row["lowrank"] = float(label.split("@")[0][len("lowrank"):])
+        total += opts[label][0]
+    layers_out = []
+    for i in range(n_layers):
+        row = rows[i]
+        # the widest dense part's width stands for the layer in tables and plots
+        row["bits"] = max(_width(l) for l in row["units"].values() if l.startswith("dense")) \
+            if any(l.startswith("dense") for l in row["units"].values()) else min(widths)
+        row["kl"] = round(row["kl"], 8)
+        layers_out.append(row)
     meta = plan_meta(budget, total, dense, sorted(widths), rules, model)
     meta["allocation"] = "measured"
     meta["lowrank"] = {"compressions": sorted(compressions), "rank_multiple": rank_multiple,
                        "method": "whitened", "ranks": ranks}
     return BitPlan(modules=modules, layers=layers_out, meta=meta)
+
+
+def _width(label: str) -> int:
+    return int(label.rsplit("@", 1)[1])
 
 
 def plan_ranks(plan: BitPlan) -> dict[str, int] | None:
@@ -342,18 +383,21 @@ def plan_ranks(plan: BitPlan) -> dict[str, int] | None:
 
 
 def format_measured_table(plan: BitPlan) -> str:
-    lines = ["| layer | W_q/W_k | bits | KL of the choice | KL dense at the lowest width |",
-             "|---|---|---|---|---|"]
-    lowest = min(plan.meta["allowed_bits"])
+    units = list(dict.fromkeys(u for r in plan.layers for u in r["units"]))
+    lines = ["| layer | " + " | ".join(UNIT_NAMES.get(u, u) for u in units) +
+             " | KL of the choice | KL all at the lowest width |",
+             "|---" * (len(units) + 3) + "|"]
+    lowest = f"dense@{min(plan.meta['allowed_bits'])}"
     for row in plan.layers:
-        shape = "dense" if row["lowrank"] is None else f"low-rank {row['lowrank']:g}"
-        base = row["measured"].get(f"dense@{lowest}")
-        lines.append(f"| {row['layer']} | {shape} | {row['bits']} | {row['kl']:.4g} | "
-                     f"{'-' if base is None else f'{base:.4g}'} |")
+        cells = [row["units"].get(u, "-").replace("dense@", "").replace("lowrank", "low-rank ")
+                 .replace("@", ", factors ") for u in units]
+        base = sum(r.get(lowest, 0.0) for r in row["measured"].values())
+        lines.append(f"| {row['layer']} | " + " | ".join(cells) +
+                     f" | {row['kl']:.4g} | {base:.4g} |")
     m = plan.meta
     n_lr = sum(r["lowrank"] is not None for r in plan.layers)
     lines += ["", f"budget {m['budget_bits']} bits; achieved {m['achieved_bits']:.4f} average "
               f"bits over {m['dense_parameters']:,} original dense weights; {n_lr} of "
               f"{len(plan.layers)} layers take low-rank W_q/W_k; summed KL "
-              f"{sum(r['kl'] for r in plan.layers):.4g} (measured one layer at a time)"]
+              f"{sum(r['kl'] for r in plan.layers):.4g} (measured one part at a time)"]
     return "\n".join(lines)

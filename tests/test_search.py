@@ -128,8 +128,10 @@ def test_more_bits_measure_a_smaller_divergence(tiny_llama):
     search = _search(loaded, measure_batches=2)
     search.process(ctx)
     m = search.measured[1]
-    assert set(m) == {"dense@2", "dense@4"}
-    assert m["dense@2"]["kl"] > 3 * m["dense@4"]["kl"] > 0
+    assert set(m) == {"qk", "self_attn", "mlp"}
+    for part in m.values():
+        assert set(part) == {"dense@2", "dense@4"}
+        assert part["dense@2"]["kl"] > 2 * part["dense@4"]["kl"] > 0
     # the layer itself is left as it was
     assert type(ctx.layer.self_attn.q_proj) is torch.nn.Linear
 
@@ -164,22 +166,24 @@ def test_measured_plan_chooses_low_rank_layers_and_meets_the_budget(measured_run
     record = json.loads(plan_path.with_suffix(".measured.json").read_text())["layers"]
     rules = SettingRules(group_size=32, g_idx=True)
     for r in plan.layers:
-        label = ("dense" if r["lowrank"] is None else f"lowrank{r['lowrank']:g}") + f"@{r['bits']}"
-        assert len(r["measured"]) == 6                 # dense, 50%, 75% x widths 2, 3
-        assert r["kl"] == pytest.approx(record[str(r["layer"])][label]["kl"], abs=1e-8)
+        # three parts; W_q/W_k: widths 2, 3 dense or 50% / 75% low-rank (factors 3-bit)
+        assert set(r["measured"]) == {"qk", "self_attn", "mlp"}
+        assert set(r["measured"]["qk"]) == {"dense@2", "dense@3", "lowrank0.5@3", "lowrank0.75@3"}
+        assert set(r["measured"]["mlp"]) == {"dense@2", "dense@3"}
+        kl = sum(record[str(r["layer"])][u][label]["kl"] for u, label in r["units"].items())
+        assert r["kl"] == pytest.approx(kl, abs=1e-8)
         # the layer's stored bits are what its modules in the plan cost
         names = [n for n in plan.modules if n.startswith(f"model.layers.{r['layer']}.")]
-        assert r["stored_bits"] == rules.layer_cost(
-            {n: tuple(plan.modules[n]["shape"]) for n in names}, r["bits"])
+        assert r["stored_bits"] == sum(
+            rules.setting(n, plan.modules[n]["bits"]).cost(*plan.modules[n]["shape"])
+            for n in names)
     # no other choice of the measured options fits the budget with a smaller summed KL
     options = []
     for i in range(3):
-        opts = {}
-        for label, m in record[str(i)].items():
-            bits = int(label.rsplit("@", 1)[1])
-            opts[label] = (rules.layer_cost({n: tuple(x) for n, x in m["shapes"].items()}, bits),
-                           m["kl"])
-        options.append(opts)
+        for unit, labelled in record[str(i)].items():
+            options.append({label: (rules.layer_cost({n: tuple(x) for n, x in m["shapes"].items()},
+                                                     int(label.rsplit("@", 1)[1])), m["kl"])
+                            for label, m in labelled.items()})
     best = brute_force(options, int(3.1 * plan.meta["dense_parameters"]))
     assert sum(r["kl"] for r in plan.layers) == pytest.approx(best[0], abs=1e-7)
     # the measurements were kept beside the plan
@@ -235,9 +239,9 @@ def test_measured_without_lowrank_options_and_a_new_output_folder(tiny_llama, tm
     assert run("allocate", "--model", src, "--output", plan, "--budget", "3.6", "--bits", "2,3",
                "--group-size", "32", "--measured", "--search-samples", "4", *data) == 0
     p = BitPlan.load(plan)
-    assert all(r["lowrank"] is None and set(r["measured"]) == {"dense@2", "dense@3"}
+    assert all(r["lowrank"] is None and set(r["measured"]["qk"]) == {"dense@2", "dense@3"}
                for r in p.layers)
-    assert {r["bits"] for r in p.layers} == {2, 3} and p.achieved_bits <= 3.6
+    assert {p.modules[n]["bits"] for n in p.modules} == {2, 3} and p.achieved_bits <= 3.6
     assert run("gptq", "--model", src, "--plan", plan, "--output", tmp_path / "q", *data) == 0
     assert average_bits(read_casp_section(tmp_path / "q")) == pytest.approx(p.achieved_bits)
     assert run("lowrank", "--model", src, "--plan", plan, "--output", tmp_path / "lr",
@@ -270,7 +274,8 @@ def test_measured_quip_plan_on_tiny_llava(tmp_path, calib_txt):
                *data) == 0
     p = BitPlan.load(plan)
     assert p.achieved_bits <= 2.0
-    assert all(set(r["measured"]) == {"dense@2", "dense@3", "lowrank0.75@2", "lowrank0.75@3"}
+    # factors at 2 bits: the low-rank option of W_q/W_k at its one width
+    assert all(set(r["measured"]["qk"]) == {"dense@2", "dense@3", "lowrank0.75@2"}
                for r in p.layers)
     assert p.meta["lowrank"]["ranks"]
     assert run("lowrank", "--model", src, "--plan", plan, "--output", tmp_path / "lr",
