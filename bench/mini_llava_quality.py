@@ -240,7 +240,11 @@ def table(rows: list[dict], args) -> str:
               f"{args.text_nsamples} x {args.text_seqlen} tokens of wiki text for *_text rows; "
               f"GPTQ act-order, damp 0.01, true-sequential; CASP: whitened low-rank W_q/W_k 75% "
               f"(ranks multiple of 8), block-influence allocation over widths {ALLOWED_BITS}, "
-              f"factors 3-bit; time includes every stage; {r0['machine']}; {r0['date']}."]
+              f"factors 3-bit; casp_gptq_m: the measured search (each layer's W_q/W_k dense or "
+              f"low-rank 75% with 3-bit factors, each part at widths {MEASURED_BITS}, scored by "
+              f"the output KL on 8 easy-vqa samples); time includes every stage; "
+              f"{r0['machine']}; {r0['date']} (casp_gptq_m rows: "
+              f"{max(r['date'] for r in rows)})."]
     return "\n".join(lines) + "\n"
 
 

@@ -14,9 +14,10 @@ are the budget of:
     alloc_only_quip    bit allocation on the original model + QuIP# (no low-rank)
     lowrank_only_quip  low-rank + uniform QuIP# at the same codebook (its saved bits unspent)
     casp_quip_m        the measured search (casp allocate --measured --lowrank-options 0.75):
-                       each layer's W_q/W_k dense or low-rank 75% and its width chosen from
-                       the output KL each option causes, factors 4-bit; casp lowrank --plan;
-                       QuIP# with the plan (first budget only)
+                       each layer's W_q/W_k dense or low-rank 75% (factors 4-bit), and the
+                       codebook of each part (W_q/W_k, W_v/W_o, MLP; widths {2,3}) chosen from
+                       the output KL each option causes on 2 calibration windows; casp
+                       lowrank --plan; QuIP# with the plan (first budget only)
 (the variants and ablations at the 2-bit budget only). QuIP#: random-sign Hadamard incoherence,
 BlockLDLQ, Hessians collected true-sequentially in the pass, sigma_reg 0.01, no fine-tuning.
 
@@ -45,6 +46,7 @@ CODEBOOK_MAP = "2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b"
 ALLOWED_BITS = "2,3,4"
 FACTOR_BITS = 3
 MEASURED_FACTOR_BITS = 4        # casp_quip_f4 was the best block-influence variant
+MEASURED_BITS = "2,3"           # the measured search: each width costs a quantization per layer
 QUIP_BITS = {"e8p12": 2, "e8p12rvq3b": 3, "e8p12rvq4b": 4}
 
 
@@ -134,7 +136,7 @@ def measured_rows(args) -> list[dict]:
     plan = work / f"plan-casp_quip_m-{codebook}.json"
     if not plan.is_file():
         casp("allocate", "--quantizer", "quip", "--model", MODEL, "--output", plan, "--budget",
-             codebook, "--bits", ALLOWED_BITS, "--codebooks", CODEBOOK_MAP, "--factor-bits",
+             codebook, "--bits", MEASURED_BITS, "--codebooks", CODEBOOK_MAP, "--factor-bits",
              MEASURED_FACTOR_BITS, "--measured", "--lowrank-options", 0.75, "--rank-multiple", 8,
              "--search-samples", args.search_samples, *calib_flags(args),
              # batches of the measured size, so exactly those windows are scored
@@ -154,7 +156,7 @@ def measured_rows(args) -> list[dict]:
     seconds += stage_seconds(out, "quip")
     extra = settings(codebook, compression=0.75, allocation="measured",
                      budget=plan_data["budget_bits"],
-                     allowed_bits=ALLOWED_BITS, codebook_map=CODEBOOK_MAP,
+                     allowed_bits=MEASURED_BITS, codebook_map=CODEBOOK_MAP,
                      factor_bits=MEASURED_FACTOR_BITS, search_samples=args.search_samples,
                      layer_bits=[l["bits"] for l in layers],
                      lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None],
@@ -178,31 +180,36 @@ NAMES = {"fp": "-", "quip": "{cb}, every linear",
          "alloc_only_quip": "plan at the {cb} budget, no low-rank",
          "lowrank_only_quip": "low-rank 75% + {cb}",
          "casp_quip_m": "measured search at the {cb} budget (per layer: W_q/W_k dense or "
-                        "low-rank 75% with 4-bit factors, each part's codebook)"}
+                        "low-rank 75% with 4-bit factors, each part's codebook of 2=e8p12,3=e8p12rvq3b)"}
 
 
 PART_LABELS = {"qk": "W_q/W_k", "self_attn": "W_v/W_o", "mlp": "MLP"}
 
 
 def lowrank_note(settings: dict) -> str:
-    """What a measured plan chose: the low-rank layers, and the parts above the lowest
-    width."""
+    """What a measured plan chose: the low-rank layers, and the parts whose width differs
+    from the most common one."""
     parts = settings.get("parts")
     if parts is None:
         return ""
-    lowest = min(int(b) for b in str(settings.get("allowed_bits", "2")).split(","))
+    widths = [int(label.rsplit("@", 1)[1]) for chosen in parts for label in chosen.values()
+              if label.startswith("dense")]
+    common = max(set(widths), key=widths.count)
     layers = settings.get("lowrank_layers") or []
-    text = [f"low-rank W_q/W_k: layers {', '.join(map(str, layers))}" if layers
-            else "no layer low-rank"]
-    wider: dict = {}
+    other: dict = {}
     for i, chosen in enumerate(parts):
         for part, label in chosen.items():
             width = int(label.rsplit("@", 1)[1])
-            if label.startswith("dense") and width > lowest:
-                wider.setdefault((width, part), []).append(i)
-    for (width, part), idx in sorted(wider.items()):
-        text.append(f"{PART_LABELS.get(part, part)} {width} bits: layers {', '.join(map(str, idx))}")
-    return " (" + "; ".join(text) + ")"
+            if label.startswith("dense") and width != common:
+                other.setdefault((width, part), []).append(i)
+    rest = f"the rest {common} bits"
+    if other:
+        rest += " except " + " / ".join(f"{PART_LABELS.get(part, part)} {width} bits in "
+                                        f"layers {', '.join(map(str, idx))}"
+                                        for (width, part), idx in sorted(other.items()))
+    cut = (f"low-rank W_q/W_k in layers {', '.join(map(str, layers))}" if layers
+           else "no layer low-rank")
+    return f" ({cut}; {rest})"
 
 
 def table(rows: list[dict], args) -> str:
@@ -238,9 +245,10 @@ def table(rows: list[dict], args) -> str:
               f"of each corpus) from the packed form; QuIP#: random-sign Hadamard incoherence, "
               f"BlockLDLQ (blocks of 8), true-sequential Hessians, sigma_reg 0.01, no "
               f"fine-tuning; CASP: whitened low-rank W_q/W_k (ranks multiple of 8), "
-              f"block-influence allocation over {CODEBOOK_MAP}; "
+              f"block-influence allocation over {CODEBOOK_MAP}; casp_quip_m: the measured "
+              f"search (output KL on 2 calibration windows); "
               f"average bits count codes, sign bits and scales; time includes every stage; "
-              f"{r0['machine']}; {r0['date']}."]
+              f"{r0['machine']}; {r0['date']} (newest row: {max(r['date'] for r in rows)})."]
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +262,7 @@ def main() -> None:
                         "casp_quip_c50, alloc_only_quip, lowrank_only_quip, casp_quip_m)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "quip"),
                    help="where checkpoints and logs go (reused by a rerun)")
-    add_measured_args(p, "casp_quip_m", 4, "calibration windows")
+    add_measured_args(p, "casp_quip_m", 2, "calibration windows")
     args = p.parse_args()
     start = time.perf_counter()
     if args.measured_only:
