@@ -136,6 +136,21 @@ def add_measured_args(p, method: str, samples: int, what: str) -> None:
                    help=f"{what} whose output KL the measured search scores (default {samples})")
 
 
+def measured_stages(plan: Path, model: str, lowrank: Path, quantizer: str, out: Path,
+                    flags: list, calib: list, log: Path) -> tuple[dict, float]:
+    """After a measured plan: casp lowrank --plan (when it cut any W_q/W_k) and the
+    quantizer with the plan. Returns the plan and the seconds of the search and stages."""
+    plan_data = json.loads(plan.read_text())
+    seconds = plan_data["importance"]["seconds"]
+    source = model
+    if any(l["lowrank"] is not None for l in plan_data["layers"]):
+        source = lowrank
+        casp("lowrank", "--model", model, "--plan", plan, "--output", source, *calib, log=log)
+        seconds += stage_seconds(source, "lowrank")
+    casp(quantizer, "--model", source, "--output", out, "--plan", plan, *flags, *calib, log=log)
+    return plan_data, seconds + stage_seconds(out, quantizer)
+
+
 def row_key(r: dict) -> tuple:
     s = r["settings"]
     return (r["method"], s.get("codebook") or s.get("setting"), r.get("corpus") or r.get("task"))

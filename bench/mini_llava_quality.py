@@ -31,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_quality import (ROOT, add_measured_args, avg_bits_of, casp,  # noqa: E402
-                          machine, merged_rows, peak_of, stage_seconds, write_results)
+                          machine, measured_stages, merged_rows, peak_of, stage_seconds,
+                          write_results)
 from quip_quality import lowrank_note  # noqa: E402
 
 MODEL = "mini-llava"
@@ -146,19 +147,10 @@ def measured_rows(args) -> list[dict]:
                  "--bits", MEASURED_BITS, "--factor-bits", 3, "--measured", "--lowrank-options",
                  0.75, "--rank-multiple", 8, "--search-samples", args.search_samples,
                  "--measurements", measurements, *calib_flags(args, False), log=log)
-        plan_data = json.loads(plan.read_text())
-        seconds = plan_data["importance"]["seconds"]
-        layers = plan_data["layers"]
-        source = MODEL
-        if any(l["lowrank"] is not None for l in layers):
-            source = work / f"lowrank-casp_gptq_m-w{bits}"
-            casp("lowrank", "--model", MODEL, "--plan", plan, "--output", source,
-                 *calib_flags(args, False), log=log)
-            seconds += stage_seconds(source, "lowrank")
         out = work / f"casp_gptq_m-w{bits}g128"
-        casp("gptq", "--model", source, "--output", out, "--plan", plan,
-             *calib_flags(args, False), log=log)
-        seconds += stage_seconds(out, "gptq")
+        plan_data, seconds = measured_stages(plan, MODEL, work / f"lowrank-casp_gptq_m-w{bits}",
+                                             "gptq", out, [], calib_flags(args, False), log)
+        layers = plan_data["layers"]
         rows.append(row("casp_gptq_m", avg_bits_of(out), evaluate(out, work, args), seconds,
                         peak_of(out), out, args, setting=f"budget of w{bits}g128",
                         calibration=f"easy-vqa train {args.mm_nsamples} image+question+answer "

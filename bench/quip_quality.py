@@ -39,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_quality import (MODEL, ROOT, add_measured_args, avg_bits_of,  # noqa: E402
-                          calib_flags, casp, evaluate, merged_rows, peak_of, quality_parser,
-                          row, stage_seconds, write_results)
+                          calib_flags, casp, evaluate, measured_stages, merged_rows, peak_of,
+                          quality_parser, row, stage_seconds, write_results)
 
 CODEBOOK_MAP = "2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b"
 ALLOWED_BITS = "2,3,4"
@@ -141,19 +141,11 @@ def measured_rows(args) -> list[dict]:
              "--search-samples", args.search_samples, *calib_flags(args),
              # batches of the measured size, so exactly those windows are scored
              "--batch-size", args.search_samples, log=log)
-    plan_data = json.loads(plan.read_text())
-    seconds = plan_data["importance"]["seconds"]
-    layers = plan_data["layers"]
-    source = MODEL
-    if any(l["lowrank"] is not None for l in layers):
-        source = work / f"lowrank-casp_quip_m-{codebook}"
-        casp("lowrank", "--model", MODEL, "--plan", plan, "--output", source,
-             *calib_flags(args), log=log)
-        seconds += stage_seconds(source, "lowrank")
     out = work / f"casp_quip_m-{codebook}"
-    casp("quip", "--model", source, "--output", out, "--plan", plan, "--codebook", codebook,
-         *calib_flags(args), log=log)
-    seconds += stage_seconds(out, "quip")
+    plan_data, seconds = measured_stages(plan, MODEL, work / f"lowrank-casp_quip_m-{codebook}",
+                                         "quip", out, ["--codebook", codebook],
+                                         calib_flags(args), log)
+    layers = plan_data["layers"]
     extra = settings(codebook, compression=0.75, allocation="measured",
                      budget=plan_data["budget_bits"],
                      allowed_bits=MEASURED_BITS, codebook_map=CODEBOOK_MAP,
