@@ -151,6 +151,43 @@ def measured_stages(plan: Path, model: str, lowrank: Path, quantizer: str, out: 
     return plan_data, seconds + stage_seconds(out, quantizer)
 
 
+def measured_settings(plan_data: dict) -> dict:
+    """What a measured plan chose, for a result row's settings."""
+    layers = plan_data["layers"]
+    return {"layer_bits": [l["bits"] for l in layers],
+            "lowrank_layers": [l["layer"] for l in layers if l["lowrank"] is not None],
+            "parts": [l["units"] for l in layers]}
+
+
+PART_LABELS = {"qk": "W_q/W_k", "self_attn": "W_v/W_o", "mlp": "MLP"}
+
+
+def lowrank_note(settings: dict) -> str:
+    """What a measured plan chose: the low-rank layers, and the parts whose width differs
+    from the most common one."""
+    parts = settings.get("parts")
+    if parts is None:
+        return ""
+    widths = [int(label.rsplit("@", 1)[1]) for chosen in parts for label in chosen.values()
+              if label.startswith("dense")]
+    common = max(set(widths), key=widths.count)
+    layers = settings.get("lowrank_layers") or []
+    other: dict = {}
+    for i, chosen in enumerate(parts):
+        for part, label in chosen.items():
+            width = int(label.rsplit("@", 1)[1])
+            if label.startswith("dense") and width != common:
+                other.setdefault((width, part), []).append(i)
+    rest = f"the rest {common} bits"
+    if other:
+        rest += " except " + " / ".join(f"{PART_LABELS.get(part, part)} {width} bits in "
+                                        f"layers {', '.join(map(str, idx))}"
+                                        for (width, part), idx in sorted(other.items()))
+    cut = (f"low-rank W_q/W_k in layers {', '.join(map(str, layers))}" if layers
+           else "no layer low-rank")
+    return f" ({cut}; {rest})"
+
+
 def row_key(r: dict) -> tuple:
     s = r["settings"]
     return (r["method"], s.get("codebook") or s.get("setting"), r.get("corpus") or r.get("task"))

@@ -31,9 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_quality import (ROOT, add_measured_args, avg_bits_of, casp,  # noqa: E402
-                          machine, measured_stages, merged_rows, peak_of, stage_seconds,
-                          write_results)
-from quip_quality import lowrank_note  # noqa: E402
+                          lowrank_note, machine, measured_settings, measured_stages,
+                          merged_rows, peak_of, stage_seconds, write_results)
 
 MODEL = "mini-llava"
 MODEL_NAME = "mini LLaVA (DINOv2 ViT-S/14 + projector + SmolLM2-135M-Instruct)"
@@ -150,16 +149,12 @@ def measured_rows(args) -> list[dict]:
         out = work / f"casp_gptq_m-w{bits}g128"
         plan_data, seconds = measured_stages(plan, MODEL, work / f"lowrank-casp_gptq_m-w{bits}",
                                              "gptq", out, [], calib_flags(args, False), log)
-        layers = plan_data["layers"]
         rows.append(row("casp_gptq_m", avg_bits_of(out), evaluate(out, work, args), seconds,
                         peak_of(out), out, args, setting=f"budget of w{bits}g128",
                         calibration=f"easy-vqa train {args.mm_nsamples} image+question+answer "
                                     "samples",
                         allocation="measured", search_samples=args.search_samples,
-                        allowed_bits=MEASURED_BITS,
-                        layer_bits=[l["bits"] for l in layers],
-                        lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None],
-                        parts=[l["units"] for l in layers]))
+                        allowed_bits=MEASURED_BITS, **measured_settings(plan_data)))
         print(f"casp_gptq_m at the w{bits}g128 budget: {avg_bits_of(out):.4f} bits, accuracy "
               f"{rows[-1]['accuracy']:.4f}", flush=True)
     return rows
@@ -225,6 +220,8 @@ def table(rows: list[dict], args) -> str:
                      f"{t.get('color', 0):.3f} | {r['answer_ppl']:.3f} | "
                      f"{r['quant_seconds'] or '-'} | {r['peak_mem_gb'] or '-'} | {size} |")
     r0 = rows[0]
+    searched = ", ".join(sorted({str(r["settings"]["search_samples"]) for r in rows
+                                 if "search_samples" in r["settings"]})) or "-"
     lines += ["", f"{MODEL_NAME}; easy-vqa test, {r0['samples']} questions drawn with seed 0 "
               f"(greedy answers, exact match after normalisation; answer perplexity of the "
               f"reference answers given image and question); calibration: "
@@ -234,7 +231,7 @@ def table(rows: list[dict], args) -> str:
               f"(ranks multiple of 8), block-influence allocation over widths {ALLOWED_BITS}, "
               f"factors 3-bit; casp_gptq_m: the measured search (each layer's W_q/W_k dense or "
               f"low-rank 75% with 3-bit factors, each part at widths {MEASURED_BITS}, scored by "
-              f"the output KL on 8 easy-vqa samples); time includes every stage; "
+              f"the output KL on {searched} easy-vqa samples); time includes every stage; "
               f"{r0['machine']}; {r0['date']} (casp_gptq_m rows: "
               f"{max(r['date'] for r in rows)})."]
     return "\n".join(lines) + "\n"

@@ -39,8 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_quality import (MODEL, ROOT, add_measured_args, avg_bits_of,  # noqa: E402
-                          calib_flags, casp, evaluate, measured_stages, merged_rows, peak_of,
-                          quality_parser, row, stage_seconds, write_results)
+                          calib_flags, casp, evaluate, lowrank_note, measured_settings,
+                          measured_stages, merged_rows, peak_of, quality_parser, row,
+                          stage_seconds, write_results)
 
 CODEBOOK_MAP = "2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b"
 ALLOWED_BITS = "2,3,4"
@@ -145,14 +146,11 @@ def measured_rows(args) -> list[dict]:
     plan_data, seconds = measured_stages(plan, MODEL, work / f"lowrank-casp_quip_m-{codebook}",
                                          "quip", out, ["--codebook", codebook],
                                          calib_flags(args), log)
-    layers = plan_data["layers"]
     extra = settings(codebook, compression=0.75, allocation="measured",
                      budget=plan_data["budget_bits"],
                      allowed_bits=MEASURED_BITS, codebook_map=CODEBOOK_MAP,
                      factor_bits=MEASURED_FACTOR_BITS, search_samples=args.search_samples,
-                     layer_bits=[l["bits"] for l in layers],
-                     lowrank_layers=[l["layer"] for l in layers if l["lowrank"] is not None],
-                     parts=[l["units"] for l in layers])
+                     **measured_settings(plan_data))
     rows = row("casp_quip_m", avg_bits_of(out), evaluate(out, work, args), seconds,
                peak_of(out), out, args, **extra)
     print(f"casp_quip_m at the {codebook} budget: {avg_bits_of(out):.4f} bits", flush=True)
@@ -173,35 +171,6 @@ NAMES = {"fp": "-", "quip": "{cb}, every linear",
          "lowrank_only_quip": "low-rank 75% + {cb}",
          "casp_quip_m": "measured search at the {cb} budget (per layer: W_q/W_k dense or "
                         "low-rank 75% with 4-bit factors, each part's codebook of 2=e8p12,3=e8p12rvq3b)"}
-
-
-PART_LABELS = {"qk": "W_q/W_k", "self_attn": "W_v/W_o", "mlp": "MLP"}
-
-
-def lowrank_note(settings: dict) -> str:
-    """What a measured plan chose: the low-rank layers, and the parts whose width differs
-    from the most common one."""
-    parts = settings.get("parts")
-    if parts is None:
-        return ""
-    widths = [int(label.rsplit("@", 1)[1]) for chosen in parts for label in chosen.values()
-              if label.startswith("dense")]
-    common = max(set(widths), key=widths.count)
-    layers = settings.get("lowrank_layers") or []
-    other: dict = {}
-    for i, chosen in enumerate(parts):
-        for part, label in chosen.items():
-            width = int(label.rsplit("@", 1)[1])
-            if label.startswith("dense") and width != common:
-                other.setdefault((width, part), []).append(i)
-    rest = f"the rest {common} bits"
-    if other:
-        rest += " except " + " / ".join(f"{PART_LABELS.get(part, part)} {width} bits in "
-                                        f"layers {', '.join(map(str, idx))}"
-                                        for (width, part), idx in sorted(other.items()))
-    cut = (f"low-rank W_q/W_k in layers {', '.join(map(str, layers))}" if layers
-           else "no layer low-rank")
-    return f" ({cut}; {rest})"
 
 
 def table(rows: list[dict], args) -> str:
@@ -232,13 +201,15 @@ def table(rows: list[dict], args) -> str:
                      f"{w['quant_seconds'] or '-'} | {w['peak_mem_gb'] or '-'} | {size} | "
                      f"{ratio} |")
     r0 = rows[0]
+    searched = ", ".join(sorted({str(r["settings"]["search_samples"]) for r in rows
+                                 if "search_samples" in r["settings"]})) or "-"
     lines += ["", f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} tokens (wiki train, "
               f"seed 3); evaluation {r0['eval_windows']} x {r0['eval_seqlen']} tokens (test split "
               f"of each corpus) from the packed form; QuIP#: random-sign Hadamard incoherence, "
               f"BlockLDLQ (blocks of 8), true-sequential Hessians, sigma_reg 0.01, no "
               f"fine-tuning; CASP: whitened low-rank W_q/W_k (ranks multiple of 8), "
               f"block-influence allocation over {CODEBOOK_MAP}; casp_quip_m: the measured "
-              f"search (output KL on 2 calibration windows); "
+              f"search (output KL on {searched} calibration windows); "
               f"average bits count codes, sign bits and scales; time includes every stage; "
               f"{r0['machine']}; {r0['date']} (newest row: {max(r['date'] for r in rows)})."]
     return "\n".join(lines) + "\n"

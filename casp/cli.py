@@ -205,10 +205,10 @@ def cmd_lowrank(args) -> int:
     if result.skipped:
         print(f"{args.output} is already done (same model and settings)")
         return 0
-    if only_ranked and set(result.changes) != set(ranks):
-        left = sorted(set(ranks) - set(result.changes))
+    left = sorted(set(ranks) - set(result.changes)) if only_ranked else []
+    if left:
         log.warning("the plan's rank for %s saves nothing on this model; it stayed dense",
-                    left[0] if left else "?")
+                    left[0])
     saved = sum(d["rank"] * (d["in_features"] + d["out_features"]) for d in result.changes.values())
     dense = sum(d["in_features"] * d["out_features"] for d in result.changes.values())
     errors = [d["relative_error"] for d in result.changes.values() if "relative_error" in d]

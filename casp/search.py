@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,22 +43,20 @@ from .allocation import (BitPlan, SettingRules, dense_parameters, plan_meta, sol
 from .errors import CaspError
 from .layerwise import LayerContext, LayerPass, _to, fingerprint
 from .lowrank import LowRankLinear, LowRankPass, saves_parameters
-from .quant.common import layer_quantization_groups
+from .quant.common import layer_linear_names
 
 log = logging.getLogger("casp")
 
 
-@dataclass(frozen=True)
-class Option:
-    """One way to store a layer: W_q/W_k low-rank at ``compression`` (None: dense) and the
-    layer's width."""
-    compression: float | None
-    bits: int
+def option_label(compression: float | None, bits: int) -> str:
+    """How an option is named: "dense@3", or "lowrank0.75@4" (W_q/W_k low-rank at that
+    compression, the factors at 4 bits)."""
+    shape = "dense" if compression is None else f"lowrank{compression:g}"
+    return f"{shape}@{bits}"
 
-    @property
-    def label(self) -> str:
-        shape = "dense" if self.compression is None else f"lowrank{self.compression:g}"
-        return f"{shape}@{self.bits}"
+
+def _width(label: str) -> int:
+    return int(label.rsplit("@", 1)[1])
 
 
 QK = "qk"
@@ -74,10 +71,18 @@ def unit_of(spec, name: str) -> str:
     return QK if base in spec.lowrank_targets else base.split(".")[0]
 
 
-def layer_shapes(ctx: LayerContext, layer: nn.Module) -> dict[str, list[int]]:
-    """(out, in) of each quantizable linear of a (variant of a) layer, by full name."""
-    return {ctx.full_name(n): list(layer.get_submodule(n).weight.shape)
-            for g in layer_quantization_groups(layer, ctx.spec) for n in g}
+def layer_shapes(ctx: LayerContext, layer: nn.Module, members: list[str] | None = None
+                 ) -> dict[str, list[int]]:
+    """(out, in) of the quantizable linears of a (variant of a) layer, or of ``members``
+    (relative names), by full name."""
+    names = layer_linear_names(layer, ctx.spec) if members is None else members
+    return {ctx.full_name(n): list(layer.get_submodule(n).weight.shape) for n in names}
+
+
+def budget_error(budget: float, need: float) -> CaspError:
+    return CaspError(f"budget {budget:.4f} bits cannot be met: the cheapest options already "
+                     f"need {need:.4f} average bits; raise --budget, allow fewer bits or add "
+                     "low-rank options")
 
 
 class SensitivityPass(LayerPass):
@@ -167,11 +172,10 @@ class SensitivityPass(LayerPass):
         h = h[0] if isinstance(h, tuple) else h
         decoder = spec.decoder_layers(self.model)
         for k in range(ctx.index + 1, len(decoder)):
-            moved = decoder[k].to(device)
-            out = moved(h, **kwargs)
+            out = decoder[k].to(device)(h, **kwargs)          # .to moves the module in place
             h = out[0] if isinstance(out, tuple) else out
             if device.type != "cpu":
-                decoder[k] = moved.to("cpu")
+                decoder[k].to("cpu")
         norm = self.model.get_submodule(spec.norm).to(device)
         head = self.model.get_submodule(spec.head).to(device)
         flat = norm(h).reshape(-1, h.shape[-1])
@@ -227,9 +231,8 @@ class SensitivityPass(LayerPass):
             return
         start = time.perf_counter()
         self._ensure_reference(ctx)
-        names = [n for g in layer_quantization_groups(ctx.layer, ctx.spec) for n in g]
         units: dict[str, list[str]] = {}
-        for n in names:
+        for n in layer_linear_names(ctx.layer, ctx.spec):
             units.setdefault(unit_of(ctx.spec, n), []).append(n)
         quantized = {b: self._quantized(ctx, copy.deepcopy(ctx.layer), b) for b in self.widths}
 
@@ -240,15 +243,12 @@ class SensitivityPass(LayerPass):
                 layer.set_submodule(n, copy.deepcopy(module))
             return self._divergence(ctx, layer)
 
-        def shapes_of(layer: nn.Module, members) -> dict[str, list[int]]:
-            return {ctx.full_name(n): list(layer.get_submodule(n).weight.shape) for n in members}
-
         results: dict[str, dict] = {u: {} for u in units}
         for u, members in units.items():
             for b in self.widths:
-                results[u][Option(None, b).label] = {
+                results[u][option_label(None, b)] = {
                     "kl": variant({n: quantized[b].get_submodule(n) for n in members}),
-                    "shapes": shapes_of(ctx.layer, members), "ranks": {}}
+                    "shapes": layer_shapes(ctx, ctx.layer, members), "ranks": {}}
         targets = ctx.spec.lowrank_targets
         for c in self.compressions:
             lowrank = copy.deepcopy(ctx.layer)
@@ -260,7 +260,7 @@ class SensitivityPass(LayerPass):
             if not ranks:
                 continue                       # nothing to save at this compression
             cut = tuple(full[len(ctx.prefix) + 1:] for full in ranks)
-            lr_members = [n for g in layer_quantization_groups(lowrank, ctx.spec) for n in g
+            lr_members = [n for n in layer_linear_names(lowrank, ctx.spec)
                           if unit_of(ctx.spec, n) == QK]
             # factors at fixed bits, all targets cut: one option; otherwise one per width
             fixed = self.rules.factor_bits is not None and len(cut) == len(targets)
@@ -270,9 +270,9 @@ class SensitivityPass(LayerPass):
             for w in widths:
                 parts = {t: factors[w].get_submodule(t) for t in cut}
                 parts.update({t: quantized[w].get_submodule(t) for t in targets if t not in cut})
-                results[QK][Option(c, w).label] = {"kl": variant(parts),
-                                                   "shapes": shapes_of(lowrank, lr_members),
-                                                   "ranks": ranks}
+                results[QK][option_label(c, w)] = {
+                    "kl": variant(parts), "shapes": layer_shapes(ctx, lowrank, lr_members),
+                    "ranks": ranks}
         self.measured[ctx.index] = results
         self._save_record()
         summary = "; ".join(f"{u}: " + ", ".join(f"{k} {v['kl']:.4g}" for k, v in r.items())
@@ -292,15 +292,14 @@ def check_feasible(model: nn.Module, spec, rules: SettingRules, widths: list[int
         for cut in [None, *compressions]:
             helper = LowRankPass(compression=cut or 0.5, rank_multiple=rank_multiple)
             shapes = {}
-            for group in layer_quantization_groups(layer, spec):
-                for name in group:
-                    out_f, in_f = layer.get_submodule(name).weight.shape
-                    full = f"{prefix}.{name}"
-                    rank = helper.rank_for(full, out_f, in_f) if cut else 0
-                    if name in spec.lowrank_targets and saves_parameters(out_f, in_f, rank):
-                        shapes[f"{full}.down"], shapes[f"{full}.up"] = (rank, in_f), (out_f, rank)
-                    else:
-                        shapes[full] = (out_f, in_f)
+            for name in layer_linear_names(layer, spec):
+                out_f, in_f = layer.get_submodule(name).weight.shape
+                full = f"{prefix}.{name}"
+                rank = helper.rank_for(full, out_f, in_f) if cut else 0
+                if name in spec.lowrank_targets and saves_parameters(out_f, in_f, rank):
+                    shapes[f"{full}.down"], shapes[f"{full}.up"] = (rank, in_f), (out_f, rank)
+                else:
+                    shapes[full] = (out_f, in_f)
             for name, shape in shapes.items():
                 for b in widths:
                     rules.setting(name, b).check(*shape, name=name)
@@ -308,9 +307,7 @@ def check_feasible(model: nn.Module, spec, rules: SettingRules, widths: list[int
         total += min(rules.layer_cost(shapes, b) for shapes in variants for b in widths)
     need = total / dense_parameters(model, spec)
     if need > budget:
-        raise CaspError(f"budget {budget:.4f} bits cannot be met: the cheapest options already "
-                        f"need {need:.4f} average bits; raise --budget, allow fewer bits or "
-                        "add low-rank options")
+        raise budget_error(budget, need)
 
 
 def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: SettingRules,
@@ -337,10 +334,7 @@ def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: Sett
     try:
         chosen = solve_choices(options, budget_total)
     except CaspError:
-        lowest = sum(min(c for c, _ in o.values()) for o in options) / dense
-        raise CaspError(f"budget {budget} bits cannot be met: the cheapest options already "
-                        f"need {lowest:.4f} average bits; raise --budget, allow fewer bits or "
-                        "add low-rank options")
+        raise budget_error(budget, sum(min(c for c, _ in o.values()) for o in options) / dense)
     modules, ranks, total = {}, {}, 0
     rows = {i: {"layer": i, "units": {}, "lowrank": None, "kl": 0.0, "stored_bits": 0,
                 "measured": {u: {k: round(v["kl"], 8) for k, v in r.items()}
@@ -361,8 +355,8 @@ def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: Sett
     for i in range(n_layers):
         row = rows[i]
         # the widest dense part's width stands for the layer in tables and plots
-        row["bits"] = max(_width(l) for l in row["units"].values() if l.startswith("dense")) \
-            if any(l.startswith("dense") for l in row["units"].values()) else min(widths)
+        dense_widths = [_width(l) for l in row["units"].values() if l.startswith("dense")]
+        row["bits"] = max(dense_widths, default=min(widths))
         row["kl"] = round(row["kl"], 8)
         layers_out.append(row)
     meta = plan_meta(budget, total, dense, sorted(widths), rules, model)
@@ -370,10 +364,6 @@ def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: Sett
     meta["lowrank"] = {"compressions": sorted(compressions), "rank_multiple": rank_multiple,
                        "method": "whitened", "ranks": ranks}
     return BitPlan(modules=modules, layers=layers_out, meta=meta)
-
-
-def _width(label: str) -> int:
-    return int(label.rsplit("@", 1)[1])
 
 
 def plan_ranks(plan: BitPlan) -> dict[str, int] | None:

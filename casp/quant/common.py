@@ -42,6 +42,12 @@ def layer_quantization_groups(layer: nn.Module, spec: ModelSpec,
     return groups
 
 
+def layer_linear_names(layer: nn.Module, spec: ModelSpec,
+                       only: tuple[str, ...] | None = None) -> list[str]:
+    """The linears of :func:`layer_quantization_groups`, flattened in the same order."""
+    return [name for group in layer_quantization_groups(layer, spec, only) for name in group]
+
+
 def _check_dense(module: nn.Module, name: str) -> None:
     if type(module) is not nn.Linear:
         raise CaspError(f"{name} is already a {type(module).__name__}, not a dense linear: the "
@@ -53,9 +59,8 @@ def quantizable_linears(model: nn.Module, spec: ModelSpec) -> dict[str, nn.Linea
     result: dict[str, nn.Linear] = {}
     for index, layer in enumerate(spec.decoder_layers(model)):
         prefix = spec.layer_prefix(index)
-        for group in layer_quantization_groups(layer, spec):
-            for name in group:
-                result[f"{prefix}.{name}"] = layer.get_submodule(name)
+        for name in layer_linear_names(layer, spec):
+            result[f"{prefix}.{name}"] = layer.get_submodule(name)
     return result
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..errors import CaspError
 from ..layerwise import LayerContext, LayerPass
-from .common import (PlannedPass, checked_groups, finetune_layer, layer_quantization_groups,
+from .common import (PlannedPass, checked_groups, finetune_layer, layer_linear_names,
                      quantize_in_order)
 from .e8p import QuIPSetting
 from .quip import quip_quantize
@@ -60,7 +60,7 @@ class HessianPass(LayerPass):
         path = _layer_file(self.output, ctx.index)
         if path.exists():
             return
-        names = [n for g in layer_quantization_groups(ctx.layer, ctx.spec) for n in g]
+        names = layer_linear_names(ctx.layer, ctx.spec)
         grams = ctx.input_grams(names)
         tensors, aliases, seen = {}, {}, {}
         for name in names:
