@@ -205,7 +205,7 @@ def merged_rows(name: str, rows: list[dict]) -> list[dict]:
 
 
 def avg_bits_of(checkpoint: Path) -> float:
-    from casp.allocation import average_bits
+    from casp.allocation.budget import average_bits
     from casp.checkpoint import read_casp_section
 
     return average_bits(read_casp_section(checkpoint))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from casp.quant.gptq import gptq_quantize
+from casp.quant.gptq.quantize import gptq_quantize
 from casp.stats import InputGram
 
 RESULTS = Path(__file__).parent / "results"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from casp.quant.e8p import SETTINGS
+from casp.quant.quip.setting import SETTINGS
 
 RESULTS = Path(__file__).parent / "results" / "quip_scales.json"
 

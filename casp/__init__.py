@@ -1,11 +1,12 @@
 """casp: compression of large multimodal models and LLMs to about 2 bits per weight.
 
-Stage 1 (low-rank W_q, W_k), the layer-wise engine, checkpoints and evaluation live here.
+The public API: load a model to compress (:func:`load_pretrained`), rebuild a casp
+checkpoint (:func:`load_checkpoint`, :func:`load_model`), and the error every user mistake
+raises (:class:`CaspError`). The package map is in README.md.
 """
-__version__ = "0.1.0"
-
-from .checkpoint import load_checkpoint, load_model  # noqa: E402
-from .errors import CaspError  # noqa: E402
-from .loading import load_pretrained  # noqa: E402
+from casp.checkpoint import load_checkpoint, load_model
+from casp.errors import CaspError
+from casp.loading import load_pretrained
+from casp.version import __version__
 
 __all__ = ["CaspError", "__version__", "load_checkpoint", "load_model", "load_pretrained"]

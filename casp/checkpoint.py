@@ -36,11 +36,13 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from . import __version__
-from .errors import CaspError
-from .loading import LoadedModel, _preprocessors, architecture_of, resolve_device, resolve_dtype
-from .models import spec_for_architecture
-from .modules import replace_modules
+from casp.version import __version__
+from casp.errors import CaspError
+from casp.devices import resolve_device, resolve_dtype
+from casp.hf_model import LoadedModel, load_preprocessors
+from casp.models import architecture_of
+from casp.models import spec_for_architecture
+from casp.modules import replace_modules
 
 FORMAT_VERSION = 1
 log = logging.getLogger("casp")
@@ -212,7 +214,7 @@ def load_checkpoint(path: str | Path, dtype: str = "auto", device: str = "cpu",
     model.eval()
     tokenizer = processor = None
     if with_preprocessors:
-        tokenizer, processor = _preprocessors(str(path), {}, spec.multimodal)
+        tokenizer, processor = load_preprocessors(str(path), {}, spec.multimodal)
     return LoadedModel(model=model, spec=spec, tokenizer=tokenizer, processor=processor,
                        source=str(path), casp=section)
 
@@ -232,7 +234,7 @@ def checkpoint_size(path: str | Path) -> dict:
     bits claim (from the casp section), and the rest of the weights."""
     import struct
 
-    from .quant.common import described_stored_bits
+    from casp.quant.layer_groups import described_stored_bits
 
     path = Path(path)
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

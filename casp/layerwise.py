@@ -13,7 +13,6 @@ layer and resumes after an interruption by replaying the finished layers.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -27,10 +26,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CaspError
-from .models import ModelSpec
-from .modules import replace_modules
-from .stats import InputGram
+from casp.devices import to_device
+from casp.errors import CaspError
+from casp.identity import fingerprint
+from casp.models import ModelSpec
+from casp.modules import replace_modules
+from casp.stats import InputGram
 
 log = logging.getLogger("casp")
 
@@ -41,18 +42,6 @@ class _StopForward(Exception):
 
 class StopLayer(Exception):
     """Raised by a forward hook to end a layer's forward pass early."""
-
-
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
 
 
 def modules_outside_layers(model: nn.Module, layers_path: str) -> list[nn.Module]:
@@ -90,7 +79,7 @@ def capture_layer_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[di
     def catch(module, args, kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
         hidden.append(h.to(store))
-        kw = {k: _to(v, store) for k, v in kwargs.items() if k != "hidden_states"}
+        kw = {k: to_device(v, store) for k, v in kwargs.items() if k != "hidden_states"}
         kw["use_cache"] = False
         kw["past_key_values"] = None
         kwargs_list.append(kw)
@@ -102,7 +91,7 @@ def capture_layer_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[di
     try:
         for batch in batches:
             try:
-                model(**_to(batch, device), use_cache=False)
+                model(**to_device(batch, device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -148,7 +137,7 @@ class LayerContext:
         try:
             for h, kw in zip(self.inputs.hidden, self.inputs.kwargs):
                 try:
-                    out = self.layer(h.to(self.device), **_to(kw, self.device))
+                    out = self.layer(h.to(self.device), **to_device(kw, self.device))
                 except StopLayer:
                     continue
                 out = out[0] if isinstance(out, tuple) else out
@@ -216,10 +205,6 @@ class LayerwiseResult:
     changes: dict[str, dict] = field(default_factory=dict)
     layer_seconds: list[float] = field(default_factory=list)
     layers_done: list[int] = field(default_factory=list)
-
-
-def fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class _ResumeState:

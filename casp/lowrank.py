@@ -15,9 +15,9 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from .errors import CaspError
-from .layerwise import LayerContext, LayerPass
-from .modules import register_module_type
+from casp.errors import CaspError
+from casp.layerwise import LayerContext, LayerPass
+from casp.modules import register_module_type
 
 log = logging.getLogger("casp")
 

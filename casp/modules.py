@@ -11,12 +11,12 @@ import importlib
 import torch
 from torch import nn
 
-from .errors import CaspError
+from casp.errors import CaspError
 
 MODULE_TYPES: dict[str, type] = {}
 # Modules that define the built-in types (imported on first use, to keep imports acyclic).
-BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.qlinear", "casp.quant.aqlm_linear",
-                        "casp.quant.quip_linear")
+BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.gptq.linear", "casp.quant.aqlm.linear",
+                        "casp.quant.quip.linear")
 
 
 def register_module_type(cls):

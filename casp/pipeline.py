@@ -1,7 +1,7 @@
 """Running a layer-wise stage end to end: calibrate, walk the layers, save a checkpoint.
 
-Every stage (low-rank now; importance, GPTQ, AQLM, QuIP# later) goes through
-:func:`run_stage`, so output checks, resume and checkpoint writing exist once.
+Every stage (low-rank, importance, the measured search, GPTQ, AQLM, QuIP#, Hessians) goes
+through :func:`run_stage`, so output checks, resume and checkpoint writing exist once.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build_section, check_output_dir, save_checkpoint
-from .data.calibration import CalibrationConfig, calibration_batches, token_count
-from .layerwise import LayerPass, capture_layer_inputs, fingerprint, run_layerwise
-from .loading import LoadedModel
+from casp.checkpoint import build_section, check_output_dir, save_checkpoint
+from casp.data.calibration import CalibrationConfig, calibration_batches, token_count
+from casp.identity import fingerprint, stage_key
+from casp.layerwise import LayerPass, capture_layer_inputs, run_layerwise
+from casp.hf_model import LoadedModel
 
 log = logging.getLogger("casp")
 
@@ -41,14 +42,6 @@ def peak_rss_gb() -> float:
 def progress_dir(output: str | Path) -> Path:
     out = Path(output)
     return out.parent / f".{out.name}.casp-progress"
-
-
-def stage_key(source: str, input_casp: dict | None, stage: str, passes: list[LayerPass],
-              calibration: CalibrationConfig, layers: list[int] | None) -> dict:
-    """What identifies a stage's result: a rerun with the same key has nothing to do."""
-    return {"source": source, "input_casp": (input_casp or {}).get("stages"), "stage": stage,
-            "passes": [(p.name, p.settings()) for p in passes],
-            "calibration": calibration.as_dict(), "layers": layers}
 
 
 def run_stage(loaded: LoadedModel, stage: str, passes: list[LayerPass],

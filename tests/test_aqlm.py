@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from casp.errors import CaspError
-from casp.quant.aqlm import (AQLMSetting, aqlm_quantize, beam_search, decode, dequantize,
+from casp.quant.aqlm.quantize import (AQLMSetting, aqlm_quantize, beam_search, decode, dequantize,
                              from_storage_codes, kmeans, objective, residual_kmeans_init,
                              to_storage_codes)
-from casp.quant.aqlm_linear import AQLMLinear
+from casp.quant.aqlm.linear import AQLMLinear
 
 
 def problem(out_f=32, in_f=64, n=512, seed=0):
@@ -120,7 +120,7 @@ def test_optimisation_beats_its_initialisation_and_uses_h():
 def test_aqlm_linear_matches_the_aqlm_package_on_the_same_tensors():
     from aqlm import QuantizedLinear
 
-    from casp.quant.aqlm_linear import serial_numba
+    from casp.quant.aqlm.linear import serial_numba
 
     w, h = problem(48, 64)
     for name in ("2x8", "1x8", "2x12", "1x16", "2x6g4"):

@@ -10,8 +10,8 @@ import torch
 from casp.allocation import BitPlan, average_bits
 from casp.checkpoint import checkpoint_size, load_checkpoint, read_casp_section
 from casp.cli import main
-from casp.quant.aqlm_linear import AQLMLinear, serial_numba
-from casp.quant.aqlm_pass import AQLMPass
+from casp.quant.aqlm.linear import AQLMLinear, serial_numba
+from casp.quant.aqlm.layer_pass import AQLMPass
 from tiny import VOCAB, check_resume, save_tiny
 
 CALIB = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4"]
@@ -111,7 +111,7 @@ def test_uniform_2x8_baseline_runs_on_the_numba_kernel_and_exports_for_transform
 
 
 def test_export_refuses_lowrank_and_mixed_settings(casp_aqlm, tmp_path):
-    from casp.quant.export import export_aqlm
+    from casp.quant.aqlm.export import export_aqlm
 
     with pytest.raises(Exception, match="low-rank"):
         export_aqlm(load_checkpoint(casp_aqlm["llama"][3]), tmp_path / "hf")

@@ -5,8 +5,8 @@ import re
 import transformers
 
 import casp.cli
-import casp.quant.aqlm_pass
-from casp.quant.aqlm_pass import AQLMPass
+import casp.quant.aqlm.layer_pass
+from casp.quant.aqlm.layer_pass import AQLMPass
 from tiny import VOCAB, tiny_tokenizer
 
 
@@ -25,7 +25,7 @@ def test_demo_with_the_aqlm_rows(tmp_path, monkeypatch, capsys):
             super().__init__(*a, **{**kw, "max_rounds": 1, "kmeans_iterations": 2,
                                     "kmeans_max_points": 16})
 
-    monkeypatch.setattr(casp.quant.aqlm_pass, "AQLMPass", QuickAQLM)
+    monkeypatch.setattr(casp.quant.aqlm.layer_pass, "AQLMPass", QuickAQLM)
     out = tmp_path / "demo"
     assert casp.cli.main(["demo", "--output", str(out), "--nsamples", "4", "--seqlen", "64",
                           "--max-windows", "2", "--aqlm", "--aqlm-steps", "2"]) == 0

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from casp.errors import CaspError
-from casp.quant.gptq import (dequantize, gptq_quantize, minmax_grid, rtn_quantize,
+from casp.quant.gptq.quantize import (dequantize, gptq_quantize, minmax_grid, rtn_quantize,
                              stored_bits, weighted_error)
-from casp.quant.qlinear import GPTQLinear
+from casp.quant.gptq.linear import GPTQLinear
 
 
 def problem(out_f=48, in_f=96, tokens=2000, seed=0):

@@ -8,9 +8,9 @@ import torch
 from casp.allocation import BitPlan, average_bits
 from casp.checkpoint import checkpoint_size, load_checkpoint, read_casp_section
 from casp.cli import main
-from casp.quant.export import dequantize_gptq_tensors, export_gptq
-from casp.quant.gptq_pass import GPTQPass
-from casp.quant.qlinear import GPTQLinear
+from casp.quant.gptq.export import dequantize_gptq_tensors, export_gptq
+from casp.quant.gptq.layer_pass import GPTQPass
+from casp.quant.gptq.linear import GPTQLinear
 from tiny import VOCAB, check_resume, save_tiny
 
 CALIB = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4"]

@@ -61,7 +61,7 @@ def test_gptq_int32_rejects_widths_and_sizes_it_cannot_store():
 
 
 def test_v1_zero_points_round_trip_even_for_zero():
-    from casp.quant.export import _shift_words
+    from casp.quant.gptq.export import _shift_words
 
     for bits in (2, 4, 8):
         zeros = torch.tensor([0, 1, 2 ** bits - 1, 0] * (8 // bits))     # one int32 word

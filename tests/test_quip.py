@@ -8,12 +8,12 @@ import scipy.linalg
 import torch
 
 from casp.errors import CaspError
-from casp.quant import hadamard as hd
-from casp.quant.e8p import (SETTINGS, QuIPSetting, abs_patterns, decode_e8p, e81b_table,
-                            e8p_table, nearest_e8p, nearest_in)
-from casp.quant.quip import (block_ldl, block_ldlq, proxy_loss, quip_quantize, regularize,
+from casp.quant.quip import hadamard as hd
+from casp.quant.quip.codebooks import abs_patterns, decode_e8p, e81b_table, e8p_table, nearest_e8p, nearest_in
+from casp.quant.quip.setting import SETTINGS, QuIPSetting
+from casp.quant.quip.quantize import (block_ldl, block_ldlq, proxy_loss, quip_quantize, regularize,
                              rotate_hessian, rotate_weight, unrotate_weight)
-from casp.quant.quip_linear import QuIPLinear, described_bits, to_int16
+from casp.quant.quip.linear import QuIPLinear, described_bits, to_int16
 
 MODEL_DIMS = {576: (36, 4), 192: (12, 4), 1536: (12, 7), 4096: (1, 12), 11008: (344, 5),
               5120: (20, 8), 13824: (108, 7), 72: (36, 1), 40: (20, 1), 512: (1, 9),

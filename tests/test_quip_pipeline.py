@@ -10,8 +10,8 @@ import torch
 from casp.allocation import BitPlan, average_bits
 from casp.checkpoint import checkpoint_size, load_checkpoint, read_casp_section
 from casp.cli import main
-from casp.quant.quip_linear import QuIPLinear
-from casp.quant.quip_pass import QuIPPass, load_hessian
+from casp.quant.quip.linear import QuIPLinear
+from casp.quant.quip.layer_pass import QuIPPass, load_hessian
 from tiny import VOCAB, check_resume, save_tiny
 
 CALIB = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4"]
@@ -76,7 +76,7 @@ def test_casp_quip_follows_the_plan_and_runs_from_the_packed_form(casp_quip, kin
 
 
 def test_budget_e8p12_is_what_uniform_e8p12_stores(casp_quip, calib_txt, tmp_path):
-    from casp.quant.common import quantizable_linears
+    from casp.quant.layer_groups import quantizable_linears
 
     src, lowrank = casp_quip["llama"][:2]
     assert run("allocate", "--quantizer", "quip", "--model", lowrank, "--output",

@@ -17,8 +17,8 @@ from casp.errors import CaspError
 from casp.layerwise import LayerContext, capture_layer_inputs
 from casp.loading import load_pretrained
 from casp.lowrank import LowRankLinear
-from casp.quant.gptq_pass import GPTQPass
-from casp.search import SensitivityPass
+from casp.quant.gptq.layer_pass import GPTQPass
+from casp.allocation.search import SensitivityPass
 from tiny import save_tiny
 
 CALIB = ["--nsamples", "8", "--seqlen", "32", "--batch-size", "4"]

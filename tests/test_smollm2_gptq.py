@@ -10,7 +10,7 @@ from casp.data.calibration import CalibrationConfig
 from casp.loading import load_pretrained
 from casp.lowrank import LowRankPass
 from casp.pipeline import run_stage
-from casp.quant.gptq_pass import GPTQPass
+from casp.quant.gptq.layer_pass import GPTQPass
 
 pytestmark = pytest.mark.real
 CPU = torch.device("cpu")

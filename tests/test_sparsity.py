@@ -11,7 +11,7 @@ from PIL import Image
 from casp.cli import main
 from casp.data.calibration import CalibrationConfig, calibration_batches
 from casp.errors import CaspError
-from casp.eval.sparsity import (LowRankQK, SparsityConfig, analyse_batches, attention_maps,
+from casp.eval.attention_sparsity import (LowRankQK, SparsityConfig, analyse_batches, attention_maps,
                                 attention_sparsity, check_same_base, load_lowrank_qk)
 from casp.loading import load_pretrained
 from casp.lowrank import LowRankLinear, LowRankPass, whitened_svd
@@ -172,7 +172,7 @@ def test_engine_sparsity_equals_eager_and_mse_vanishes_for_exact_factors(tmp_pat
 def test_head_chunks_give_the_same_result(llama_pair, calib_txt, monkeypatch):
     """Long samples are processed a few heads at a time (grouped-query KV heads mapped per
     query head); one head per chunk gives the same numbers as all heads at once."""
-    from casp.eval import sparsity
+    from casp.eval import attention_sparsity as sparsity
 
     src, lowrank_dir = llama_pair
     loaded = load_pretrained(str(src))

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 EASY_VQA_WHEEL = ("easy-vqa", "1.0", "easy_vqa/data")
 SPLITS = ("train", "test")
@@ -31,7 +31,7 @@ class VQARecord:
 
 
 def data_dir() -> Path:
-    from ..assets import wheel_folder
+    from casp.assets import wheel_folder
 
     return wheel_folder(*EASY_VQA_WHEEL)
 
@@ -106,7 +106,7 @@ def is_builtin(name) -> bool:
 
 def instruct_samples(name: str, nsamples: int | None, seed: int):
     """Calibration samples for ``--mm-data easy-vqa`` (train split) or ``easy-vqa:test``."""
-    from .multimodal import MultimodalSample
+    from casp.data.multimodal import MultimodalSample
 
     if name not in BUILTIN_NAMES:
         raise CaspError(f"unknown built-in multimodal data {name!r}; use easy-vqa or "

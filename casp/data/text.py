@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .. import assets
-from ..errors import CaspError
+from casp import assets
+from casp.errors import CaspError
 
 TRAIN_FRACTION = 0.8
 SPLITS = ("train", "test", "all")

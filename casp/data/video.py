@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 

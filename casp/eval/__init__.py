@@ -1,4 +1,4 @@
 """Evaluation: perplexity (and later lmms-eval tasks and efficiency)."""
-from .perplexity import PerplexityResult, perplexity
+from casp.eval.perplexity import PerplexityResult, perplexity
 
 __all__ = ["PerplexityResult", "perplexity"]

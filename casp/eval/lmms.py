@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 
@@ -38,7 +38,7 @@ INSTALL_HINT = ("bash scripts/install.sh installs it; by hand: pip install -e '.
 
 def __getattr__(name):
     if name == "CaspLMMS":        # imports lmms-eval only when the class is asked for
-        from .lmms_model import CaspLMMS
+        from casp.eval.lmms_model import CaspLMMS
 
         return CaspLMMS
     raise AttributeError(name)
@@ -69,8 +69,8 @@ def check_lmms_eval() -> str:
 def easy_vqa_rows(samples: int | None = None, seed: int = 0) -> list[dict]:
     """The task's documents: the questions ``casp vqa --samples N --seed S`` evaluates (the
     whole test split in file order when ``samples`` is None), with the prompt casp uses."""
-    from ..data.easy_vqa import load_split, question_text, subset
-    from .vqa import question_type
+    from casp.data.easy_vqa import load_split, question_text, subset
+    from casp.eval.vqa import question_type
 
     return [{"question_id": i, "question": r.question, "prompt": question_text(r),
              "answer": r.answer, "question_type": question_type(r),
@@ -88,7 +88,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def default_task_dir(samples: int | None, seed: int) -> Path:
-    from ..assets import cache_dir
+    from casp.assets import cache_dir
 
     return cache_dir() / "lmms-tasks" / f"easy_vqa-{samples or 'all'}-seed{seed}"
 
@@ -140,14 +140,14 @@ def lmms_eval_command(model: str, tasks: list[str], output: str | Path,
 def _check_model(model: str, online: bool) -> None:
     """Refuse a model that cannot load before lmms-eval starts (it would print a traceback and
     exit 0)."""
-    from ..loading import _locate
+    from casp.loading import locate
 
-    location, kwargs = _locate(model)
+    location, kwargs = locate(model)
     if not online and not Path(location).exists():
         raise CaspError(f"model {model} is not a local directory and the run is offline; check "
                         "the path, or pass --online to fetch it from the hub")
     if Path(location).is_dir() and "gguf_file" not in kwargs:
-        from ..checkpoint import read_casp_section
+        from casp.checkpoint import read_casp_section
 
         read_casp_section(location)    # a corrupt config.json is refused here
 
@@ -217,7 +217,7 @@ def cmd_lmms_eval(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``casp lmms-eval`` on the ``casp`` command's subparsers."""
-    from ..cli import _positive
+    from casp.cli import _positive
 
     p = subparsers.add_parser(
         "lmms-eval", help="evaluate a model or casp checkpoint with lmms-eval (offline easy-vqa, "

@@ -24,8 +24,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.api.registry import register_model
 from tqdm import tqdm
 
-from ..errors import CaspError
-from ..loading import load_pretrained, resolve_device
+from casp.errors import CaspError
+from casp.loading import load_pretrained, resolve_device
 
 log = logging.getLogger("casp")
 
@@ -71,7 +71,7 @@ def read_video(source, num_frames: int) -> np.ndarray:
     frame images, or a video file (decoded with PyAV, which casp does not install)."""
     from PIL import Image
 
-    from ..data.video import uniform_frames
+    from casp.data.video import uniform_frames
 
     if isinstance(source, np.ndarray):
         return np.stack(uniform_frames(list(source), num_frames))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import consecutive_windows
+from casp.data import consecutive_windows
 
 
 @dataclass

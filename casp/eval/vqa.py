@@ -17,8 +17,8 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from ..data.easy_vqa import VQARecord, normalize_answer, question_text
-from ..errors import CaspError
+from casp.data.easy_vqa import VQARecord, normalize_answer, question_text
+from casp.errors import CaspError
 
 
 def user_prompt(processor, record: VQARecord) -> str:
@@ -123,8 +123,8 @@ def cmd_vqa(args) -> int:
     import json
     from pathlib import Path
 
-    from ..data.easy_vqa import load_split, subset
-    from ..loading import load_pretrained, resolve_device
+    from casp.data.easy_vqa import load_split, subset
+    from casp.loading import load_pretrained, resolve_device
 
     device = resolve_device(args.device)
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
@@ -148,7 +148,7 @@ def cmd_vqa(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..cli import _positive
+    from casp.cli import _positive
 
     p = sub.add_parser("vqa", help="easy-vqa accuracy and answer perplexity of a LLaVA model",
                        description="Greedy answers to easy-vqa questions (image + question), "

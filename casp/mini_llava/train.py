@@ -9,7 +9,6 @@ label is, which spares most of the 49k-word output layer.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -20,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.easy_vqa import VQARecord, by_image, load_split, question_text
-from ..errors import CaspError
+from casp.data.easy_vqa import VQARecord, by_image, load_split, question_text
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 

@@ -1,5 +1,5 @@
 """Llama and Llama-like decoder-only models (grouped-query attention included)."""
-from .base import ModelSpec
+from casp.models.base import ModelSpec
 
 LLAMA = ModelSpec(
     name="llama",

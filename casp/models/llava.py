@@ -1,6 +1,6 @@
 """LLaVA-1.5, LLaVA-NeXT and LLaVA-NeXT-Video: a vision tower and projector feeding a
 Llama-style language model. Only the language model's decoder layers are ever changed."""
-from .base import ModelSpec
+from casp.models.base import ModelSpec
 
 _FROZEN = (
     "model.vision_tower",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 
 def _check_width(bits: int) -> None:

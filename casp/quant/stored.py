@@ -57,6 +57,6 @@ class StoredLinear(nn.Module):
                 p.copy_(p.half().float())
 
     def storage_bits(self) -> int:
-        from .common import described_stored_bits
+        from casp.quant.layer_groups import described_stored_bits
 
         return described_stored_bits(self.describe())

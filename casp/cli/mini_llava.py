@@ -6,13 +6,13 @@ import json
 import logging
 from pathlib import Path
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 
 
 def cmd_build(args) -> int:
-    from .build import build_mini_llava
+    from casp.mini_llava.build import build_mini_llava
 
     out = build_mini_llava(args.out, projector=args.projector, overwrite=args.overwrite)
     print(f"mini LLaVA written to {out}")
@@ -22,10 +22,10 @@ def cmd_build(args) -> int:
 def cmd_train(args) -> int:
     import torch
 
-    from ..data.easy_vqa import load_split, subset
-    from ..eval.vqa import evaluate_vqa
-    from .build import PROJECTOR_CARD, PROJECTOR_FILE, assemble, save_projector
-    from .train import TrainConfig, train_projector
+    from casp.data.easy_vqa import load_split, subset
+    from casp.eval.vqa import evaluate_vqa
+    from casp.mini_llava.build import PROJECTOR_CARD, PROJECTOR_FILE, assemble, save_projector
+    from casp.mini_llava.train import TrainConfig, train_projector
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -68,7 +68,7 @@ def _non_negative(text: str) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..cli import _positive
+    from casp.cli import _positive
 
     p = sub.add_parser("mini-llava", help="the mini LLaVA: DINOv2 ViT-S/14 + a trained "
                                           "projector + SmolLM2-135M-Instruct",
@@ -84,7 +84,7 @@ def add_parser(sub) -> None:
                                     "language model, add the projector weights and write a "
                                     "Hugging Face LlavaForConditionalGeneration directory.")
     b.add_argument("--out", required=True, help="model directory to write")
-    from .build import PROJECTOR_FILE
+    from casp.mini_llava.build import PROJECTOR_FILE
     b.add_argument("--projector", default=str(PROJECTOR_FILE),
                    help="projector weights (default: the ones committed with casp)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CaspError
+from casp.errors import CaspError
 
 log = logging.getLogger("casp")
 

@@ -9,11 +9,12 @@ import zlib
 
 import torch
 
-from ..errors import CaspError
-from ..layerwise import LayerContext, LayerPass
-from .aqlm import AQLMSetting, aqlm_quantize
-from .aqlm_linear import AQLMLinear
-from .common import PlannedPass, checked_groups, finetune_layer, quantize_in_order
+from casp.errors import CaspError
+from casp.layerwise import LayerContext, LayerPass
+from casp.quant.aqlm.quantize import AQLMSetting, aqlm_quantize
+from casp.quant.aqlm.linear import AQLMLinear
+from casp.quant.finetune import finetune_layer
+from casp.quant.layer_groups import PlannedPass, checked_groups, quantize_in_order
 
 log = logging.getLogger("casp")
 
@@ -26,7 +27,7 @@ class AQLMPass(PlannedPass, LayerPass):
         plan_id: a short fingerprint of the plan, recorded in the checkpoint settings.
         beam_size, max_rounds, steps_per_round, lr, tolerance, kmeans_iterations,
         kmeans_max_points: see
-            :func:`casp.quant.aqlm.aqlm_quantize`.
+            :func:`casp.quant.aqlm.quantize.aqlm_quantize`.
         true_sequential: take each group's Hessian after quantizing the groups before it.
         finetune_steps, finetune_lr: Adam steps over the calibration batches fitting the
             quantized layer's codebooks and scales to the original layer's outputs

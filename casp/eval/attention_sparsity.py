@@ -56,8 +56,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CaspError
-from ..layerwise import LayerPass
+from casp.errors import CaspError
+from casp.layerwise import LayerPass
 
 log = logging.getLogger("casp")
 
@@ -313,8 +313,8 @@ def _embedding_rows(model: nn.Module, count: int = 64) -> torch.Tensor:
 def load_lowrank_qk(path: str, dtype: str = "auto", device: str = "auto") -> LowRankQK:
     """Load a casp checkpoint whose W_q/W_k are low-rank and keep only those modules (on the
     CPU) and what is needed to check it against the original model."""
-    from ..checkpoint import load_checkpoint, read_casp_section
-    from ..lowrank import LowRankLinear
+    from casp.checkpoint import load_checkpoint, read_casp_section
+    from casp.lowrank import LowRankLinear
 
     if not Path(path).is_dir():
         raise CaspError(f"--lowrank {path} does not exist; give the checkpoint directory that "
@@ -465,8 +465,8 @@ def analyse_batches(loaded, lowrank: LowRankQK, batches: list[dict], device: tor
                     threshold: float, mode: str, label: str, progress: bool = True) -> dict:
     """Sparsity and MSE per layer of ``loaded`` (the original model) on ``batches``, layer
     by layer through the layer-wise engine (one layer on the device at a time)."""
-    from ..data.calibration import token_count
-    from ..layerwise import capture_layer_inputs, run_layerwise
+    from casp.data.calibration import token_count
+    from casp.layerwise import capture_layer_inputs, run_layerwise
 
     inputs = capture_layer_inputs(loaded.model, loaded.spec, batches, device)
     layer_pass = AttentionErrorPass(lowrank, threshold, mode, label)
@@ -513,12 +513,12 @@ class SparsityConfig:
             raise CaspError(f"--threshold {self.threshold} is out of range; give a positive "
                             "multiple of the row's even share (relative, e.g. 0.1) or a "
                             "probability in (0, 1) (absolute, e.g. 0.01)")
-        from ..assets import is_builtin_model
+        from casp.assets import is_builtin_model
 
         hub_id = self.model.count("/") == 1 and not self.model.startswith((".", "/", "~"))
         if not (Path(self.model).exists() or hub_id or is_builtin_model(self.model)):
             raise CaspError(f"--model {self.model} does not exist; check the path")
-        from ..data.easy_vqa import is_builtin
+        from casp.data.easy_vqa import is_builtin
 
         if self.mm_data and not (Path(self.mm_data).is_file() or is_builtin(self.mm_data)):
             raise CaspError(f"--mm-data {self.mm_data} does not exist; give a LLaVA-Instruct "
@@ -542,15 +542,15 @@ class SparsityConfig:
 
 def analyse(cfg: SparsityConfig, progress: bool = True) -> dict:
     """Run the whole analysis of ``cfg`` and return the report (what the JSON holds)."""
-    from .. import __version__
-    from ..data.calibration import CalibrationConfig, calibration_batches
-    from ..loading import load_pretrained, resolve_device
+    from casp.version import __version__
+    from casp.data.calibration import CalibrationConfig, calibration_batches
+    from casp.loading import load_pretrained, resolve_device
 
     cfg.check()
     device = resolve_device(cfg.device)
     lowrank = load_lowrank_qk(cfg.lowrank, dtype=cfg.dtype, device=cfg.device)
     if cfg.mm_data:
-        from ..models import spec_for_architecture
+        from casp.models import spec_for_architecture
 
         if not spec_for_architecture(lowrank.architecture).multimodal:
             raise CaspError(f"--mm-data needs a multimodal model; {lowrank.architecture} takes "
@@ -704,7 +704,7 @@ def _threshold(text: str) -> float:
 
 def add_parser(subparsers) -> None:
     """Register ``casp sparsity`` on the ``casp`` command's subparsers."""
-    from ..cli import _positive, add_text_source_args
+    from casp.cli import _positive, add_text_source_args
 
     p = subparsers.add_parser(
         "sparsity", help="attention sparsity and the attention error of low-rank W_q/W_k, per "

@@ -1,15 +1,14 @@
-"""What every quantizer pass shares: which linears of a layer it quantizes, in which order,
-and what settings the plan gives each."""
+"""What every quantizer pass shares: which linears of a layer it quantizes, in which order
+(true-sequential groups), and what setting the plan gives each."""
 from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
-from ..errors import CaspError
-from ..lowrank import LowRankLinear
-from ..models import ModelSpec
+from casp.errors import CaspError
+from casp.lowrank import LowRankLinear
+from casp.models import ModelSpec
 
 log = logging.getLogger("casp")
 
@@ -117,13 +116,13 @@ def described_stored_bits(d: dict) -> int | None:
     """Stored bits of a quantized module from its checkpoint description (None: the
     module is not a quantized one)."""
     if d.get("type") == "gptq":
-        from .gptq import described_bits
+        from casp.quant.gptq.quantize import described_bits
         return described_bits(d)
     if d.get("type") == "aqlm":
-        from .aqlm import described_bits
+        from casp.quant.aqlm.setting import described_bits
         return described_bits(d)
     if d.get("type") == "quip":
-        from .quip_linear import described_bits
+        from casp.quant.quip.linear import described_bits
         return described_bits(d)
     return None
 
@@ -131,55 +130,3 @@ def described_stored_bits(d: dict) -> int | None:
 def is_factor(name: str) -> bool:
     """Whether a quantizable module name is a low-rank factor."""
     return name.endswith(".down") or name.endswith(".up")
-
-
-def finetune_layer(ctx, names: list[str], targets: list[torch.Tensor], steps: int, lr: float,
-                   what: str) -> None:
-    """Block fine-tuning: Adam on the continuous parameters the quantized modules ``names``
-    expose (``begin_training()``; codes stay fixed) against the original layer's outputs
-    ``targets``, mean squared error over the calibration batches, ``steps`` epochs. The
-    result is kept only if the layer's output error, with the values as they will be
-    stored (``trained_as_stored()``), fell."""
-    from ..layerwise import _to
-
-    modules = [ctx.module(n) for n in names]
-    frozen = [p for p in ctx.layer.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    params = [p for m in modules for p in m.begin_training()]
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
-
-    def layer_error() -> float:
-        with torch.no_grad():
-            outs = ctx.forward()
-        return sum(float(((o - t) ** 2).mean()) for o, t in zip(outs, targets)) / len(outs)
-
-    before = layer_error()
-    kept = True
-    try:
-        for _ in range(steps):
-            for h, kw, target in zip(ctx.inputs.hidden, ctx.inputs.kwargs, targets):
-                with torch.enable_grad():
-                    out = ctx.layer(h.to(ctx.device), **_to(kw, ctx.device))
-                    out = out[0] if isinstance(out, tuple) else out
-                    loss = torch.nn.functional.mse_loss(out.float(),
-                                                        target.to(ctx.device).float())
-                    opt.zero_grad()
-                    loss.backward()
-                opt.step()
-        for m in modules:
-            m.trained_as_stored()
-        after = layer_error()
-        kept = after < before
-    finally:
-        for m in modules:
-            m.end_training(keep=kept)
-        for p in frozen:
-            p.requires_grad_(True)
-    if not kept:
-        after = before
-    log.info("layer %d fine-tuned: output MSE %.4g -> %.4g%s", ctx.index, before, after,
-             "" if kept else f" (no gain: kept the {what} before fine-tuning)")
-    for n, m in zip(names, modules):
-        ctx.changes[ctx.full_name(n)].update(m.describe())      # what is stored may change
-        ctx.changes[ctx.full_name(n)]["finetune_mse"] = [before, after]

@@ -10,19 +10,20 @@ Storage (buffers, saved in the checkpoint):
 The forward pass runs from this packed form: the codes are decoded through the codebook
 into the incoherent weight Ŵ_r (on the input's device, in torch), and
 y = s_out * M_out^T (Ŵ_r (M_in (s_in * x))) with the fast transforms of
-casp.quant.hadamard. ``cache_weight()`` keeps the dense weight U_out^T Ŵ_r U_in instead.
+casp.quant.quip.hadamard. ``cache_weight()`` keeps the dense weight U_out^T Ŵ_r U_in instead.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..errors import CaspError
-from ..modules import register_module_type
-from .e8p import DIM, QuIPSetting
-from .hadamard import decompose, pack_signs, transform, unpack_signs
-from .quip import QuIPResult, unrotate_weight
-from .stored import StoredLinear
+from casp.errors import CaspError
+from casp.modules import register_module_type
+from casp.quant.quip.codebooks import DIM
+from casp.quant.quip.setting import QuIPSetting
+from casp.quant.quip.hadamard import decompose, pack_signs, transform, unpack_signs
+from casp.quant.quip.quantize import QuIPResult, unrotate_weight
+from casp.quant.stored import StoredLinear
 
 
 def to_int16(codes: torch.Tensor) -> torch.Tensor:

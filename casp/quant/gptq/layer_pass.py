@@ -8,11 +8,11 @@ import logging
 
 import torch
 
-from ..errors import CaspError
-from ..layerwise import LayerContext, LayerPass
-from .common import layer_quantization_groups, quantize_in_order
-from .gptq import check_bits, gptq_quantize, weighted_error
-from .qlinear import GPTQLinear
+from casp.errors import CaspError
+from casp.layerwise import LayerContext, LayerPass
+from casp.quant.layer_groups import layer_quantization_groups, quantize_in_order
+from casp.quant.gptq.quantize import check_bits, gptq_quantize, weighted_error
+from casp.quant.gptq.linear import GPTQLinear
 
 log = logging.getLogger("casp")
 

@@ -16,10 +16,10 @@ import math
 import torch
 from torch import nn
 
-from ..modules import register_module_type
-from .gptq import GPTQResult, check_bits, dequantize, effective_group_size
-from .packing import pack_bits, packed_size, unpack_bits
-from .stored import StoredLinear
+from casp.modules import register_module_type
+from casp.quant.gptq.quantize import GPTQResult, check_bits, dequantize, effective_group_size
+from casp.quant.packing import pack_bits, packed_size, unpack_bits
+from casp.quant.stored import StoredLinear
 
 
 @register_module_type

@@ -3,7 +3,7 @@ an E8 lattice codebook.
 
 With H the input second moment E[x x^T] (normalised by its mean diagonal and dampened by
 ``sigma_reg``), random sign vectors s_in, s_out and the fast orthogonal transforms M_in,
-M_out of casp.quant.hadamard:
+M_out of casp.quant.quip.hadamard:
 
     U_in = M_in diag(s_in),  U_out = M_out diag(s_out)
     W_r = U_out W U_in^T,    H_r = U_in H U_in^T          (incoherent: no outlier entries)
@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CaspError
-from .e8p import DIM, QuIPSetting
-from .hadamard import random_signs, transform
+from casp.errors import CaspError
+from casp.quant.quip.codebooks import DIM
+from casp.quant.quip.setting import QuIPSetting
+from casp.quant.quip.hadamard import random_signs, transform
 
 LAZY_BLOCK = 128
 

@@ -20,10 +20,10 @@ import logging
 import torch
 from torch import nn
 
-from ..errors import CaspError
-from ..modules import register_module_type
-from .aqlm import AQLMResult, AQLMSetting, dequantize, from_storage_codes, to_storage_codes
-from .stored import StoredLinear
+from casp.errors import CaspError
+from casp.modules import register_module_type
+from casp.quant.aqlm.quantize import AQLMResult, AQLMSetting, dequantize, from_storage_codes, to_storage_codes
+from casp.quant.stored import StoredLinear
 
 
 log = logging.getLogger("casp")
