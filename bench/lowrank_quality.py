@@ -34,7 +34,7 @@ def machine() -> str:
 
 
 def run_one(method: str | None, compression: float | None, propagate: str | None, args) -> list:
-    from casp.cli import _eval_ppl
+    from casp.eval.perplexity import corpus_perplexity
     from casp.data.calibration import CalibrationConfig
     from casp.loading import load_pretrained
     from casp.lowrank import LowRankPass
@@ -52,7 +52,7 @@ def run_one(method: str | None, compression: float | None, propagate: str | None
         seconds, stage_peak = res.seconds, res.peak_rss_gb
     rows = []
     for corpus in ("wiki", "lee"):
-        ppl = _eval_ppl(loaded, corpus, "test", args.seqlen, args.windows, device)
+        ppl = corpus_perplexity(loaded, corpus, "test", args.seqlen, args.windows, device)
         rows.append({
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
             "method": "fp" if method is None else f"lowrank_{method}",

@@ -39,25 +39,14 @@ from safetensors import safe_open
 from casp.version import __version__
 from casp.errors import CaspError
 from casp.devices import resolve_device, resolve_dtype
-from casp.hf_model import LoadedModel, load_preprocessors
+from casp.hf_model import LoadedModel, load_preprocessors, read_casp_section
 from casp.models import architecture_of
 from casp.models import spec_for_architecture
 from casp.modules import replace_modules
+from casp.quant.registry import QUANTIZED_TENSOR_SUFFIXES, described_stored_bits
 
 FORMAT_VERSION = 1
 log = logging.getLogger("casp")
-
-
-def read_casp_section(path: str | Path) -> dict | None:
-    """The casp section of a checkpoint directory, None if it has no config or section."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text()).get("casp")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CaspError(f"{cfg} is not valid JSON ({exc}); the checkpoint is corrupt: "
-                        "write it again")
 
 
 def check_output_dir(output: str | Path, fingerprint: str, overwrite: bool = False) -> bool:
@@ -225,16 +214,11 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> to
     return loaded.model.to(resolve_device(device))
 
 
-QUANTIZED_TENSOR_SUFFIXES = (".qweight", ".scales", ".zeros", ".g_idx", ".codes", ".codebooks",
-                             ".resid_codes", ".su", ".sv", ".scale")
-
-
 def checkpoint_size(path: str | Path) -> dict:
     """Bytes on disk: the whole directory, the quantized modules' stored tensors, what their
     bits claim (from the casp section), and the rest of the weights."""
     import struct
 
-    from casp.quant.layer_groups import described_stored_bits
 
     path = Path(path)
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

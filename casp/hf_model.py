@@ -1,14 +1,18 @@
-"""A transformers model with what a stage needs beside it (:class:`LoadedModel`), and the
-tokenizer or processor a model directory holds."""
+"""A transformers model with what a stage needs beside it (:class:`LoadedModel`), and what a
+model directory holds besides weights: its tokenizer or processor, and the casp section of
+its config.json (casp.checkpoint documents that section)."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
+from casp.errors import CaspError
 from casp.models import ModelSpec
 
 log = logging.getLogger("casp")
@@ -51,3 +55,15 @@ def load_preprocessors(location: str, kwargs: dict, multimodal: bool):
         except Exception as exc:
             log.info("no tokenizer loaded from %s (%s)", location, exc)
     return tokenizer, processor
+
+
+def read_casp_section(path: str | Path) -> dict | None:
+    """The casp section of a checkpoint directory, None if it has no config or section."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text()).get("casp")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CaspError(f"{cfg} is not valid JSON ({exc}); the checkpoint is corrupt: "
+                        "write it again")

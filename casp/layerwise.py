@@ -125,6 +125,15 @@ class LayerContext:
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
+    def run_batch(self, batch: int, layer: nn.Module | None = None) -> torch.Tensor:
+        """The hidden states ``layer`` (the context's layer by default; a variant of it, say)
+        outputs on calibration batch number ``batch``, on the compute device. Gradients
+        follow the caller's mode; a hook's :class:`StopLayer` passes through."""
+        layer = self.layer if layer is None else layer
+        out = layer(self.inputs.hidden[batch].to(self.device),
+                    **to_device(self.inputs.kwargs[batch], self.device))
+        return out[0] if isinstance(out, tuple) else out
+
     @torch.no_grad()
     def forward(self, hooks: dict[str, Callable] | None = None, keep_outputs: bool = True
                 ) -> list[torch.Tensor] | None:
@@ -135,12 +144,11 @@ class LayerContext:
         handles = [self.module(n).register_forward_hook(fn) for n, fn in (hooks or {}).items()]
         outputs = [] if keep_outputs else None
         try:
-            for h, kw in zip(self.inputs.hidden, self.inputs.kwargs):
+            for j, h in enumerate(self.inputs.hidden):
                 try:
-                    out = self.layer(h.to(self.device), **to_device(kw, self.device))
+                    out = self.run_batch(j)
                 except StopLayer:
                     continue
-                out = out[0] if isinstance(out, tuple) else out
                 if keep_outputs:
                     outputs.append(out.to(h.device))
         finally:

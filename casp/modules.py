@@ -1,4 +1,4 @@
-"""Registry of the modules casp puts in place of a dense linear.
+"""The modules casp puts in place of a dense linear, by the type name checkpoints record.
 
 Each such module can ``describe()`` itself as a small JSON-able dict and be rebuilt, empty,
 ``from_description``. The checkpoint's ``casp.modules`` section and the per-layer resume
@@ -6,17 +6,14 @@ state are both lists of these descriptions, so rebuilding a model is one loop.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import nn
 
 from casp.errors import CaspError
 
+# type name -> class; filled by ``@register_module_type`` when a module class is defined
+# (casp.quant.registry imports every built-in one: import it before rebuilding a model)
 MODULE_TYPES: dict[str, type] = {}
-# Modules that define the built-in types (imported on first use, to keep imports acyclic).
-BUILTIN_TYPE_MODULES = ("casp.lowrank", "casp.quant.gptq.linear", "casp.quant.aqlm.linear",
-                        "casp.quant.quip.linear")
 
 
 def register_module_type(cls):
@@ -25,8 +22,6 @@ def register_module_type(cls):
 
 
 def build_module(description: dict, dtype: torch.dtype | None = None) -> nn.Module:
-    for module_name in BUILTIN_TYPE_MODULES:
-        importlib.import_module(module_name)
     kind = description.get("type")
     if kind not in MODULE_TYPES:
         raise CaspError(f"unknown module type {kind!r} in checkpoint; it was written by a newer "

@@ -17,8 +17,8 @@ import torch
 from casp.checkpoint import build_section, check_output_dir, save_checkpoint
 from casp.data.calibration import CalibrationConfig, calibration_batches, token_count
 from casp.identity import fingerprint, stage_key
+from casp.hf_model import LoadedModel, read_casp_section
 from casp.layerwise import LayerPass, capture_layer_inputs, run_layerwise
-from casp.hf_model import LoadedModel
 
 log = logging.getLogger("casp")
 
@@ -42,6 +42,19 @@ def peak_rss_gb() -> float:
 def progress_dir(output: str | Path) -> Path:
     out = Path(output)
     return out.parent / f".{out.name}.casp-progress"
+
+
+def output_already_done(model: str, output: str | Path, stage: str, passes: list[LayerPass],
+                        calibration: CalibrationConfig, layers: list[int] | None,
+                        overwrite: bool = False) -> bool:
+    """Settle the output directory before spending minutes loading a model: True when
+    ``output`` already holds this very result of ``model`` (as given to --model; a
+    directory's casp section counts), the key :func:`run_stage` would compute. An output
+    that holds something else is refused unless ``overwrite``
+    (casp.checkpoint.check_output_dir)."""
+    input_casp = read_casp_section(model) if Path(model).is_dir() else None
+    key = fingerprint(stage_key(model, input_casp, stage, passes, calibration, layers))
+    return check_output_dir(output, key, overwrite)
 
 
 def run_stage(loaded: LoadedModel, stage: str, passes: list[LayerPass],

@@ -5,6 +5,7 @@ import re
 import transformers
 
 import casp.cli
+import casp.cli.demo
 import casp.quant.aqlm.layer_pass
 from casp.quant.aqlm.layer_pass import AQLMPass
 from tiny import VOCAB, tiny_tokenizer
@@ -18,7 +19,7 @@ def test_demo_with_the_aqlm_rows(tmp_path, monkeypatch, capsys):
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
-    monkeypatch.setattr(casp.cli, "DEMO_MODEL", str(tmp_path / "model"))
+    monkeypatch.setattr(casp.cli.demo, "DEMO_MODEL", str(tmp_path / "model"))
 
     class QuickAQLM(AQLMPass):                     # one round, a short k-means: a smoke run
         def __init__(self, *a, **kw):

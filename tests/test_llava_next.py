@@ -21,7 +21,8 @@ from transformers.image_processing_utils import select_best_resolution
 import casp
 import casp.pipeline
 from casp.checkpoint import load_checkpoint, read_casp_section
-from casp.cli import _calibration, build_parser, main
+from casp.cli import build_parser, main
+from casp.cli.args import calibration_config
 from casp.data.calibration import CalibrationConfig
 from casp.data.multimodal import load_llava_instruct
 from casp.data.video import FramesVideoProcessor, uniform_frames
@@ -253,9 +254,9 @@ def test_uniform_frames():
 def test_num_frames_flag_and_frame_order(media):
     args = build_parser().parse_args(["lowrank", "--model", "m", "--output", "o", "--mm-data",
                                       str(media / "videos.json"), "--num-frames", "4"])
-    cfg = _calibration(args)
+    cfg = calibration_config(args)
     assert cfg.num_frames == 4 and cfg.as_dict()["num_frames"] == 4
-    default = _calibration(build_parser().parse_args(["lowrank", "--model", "m", "--output",
+    default = calibration_config(build_parser().parse_args(["lowrank", "--model", "m", "--output",
                                                       "o"]))
     assert default.num_frames == 8
     assert "num_frames" not in default.as_dict()     # text stages' fingerprints unchanged

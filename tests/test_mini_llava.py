@@ -236,9 +236,9 @@ def built(tmp_path_factory):
 
 
 def test_build_writes_a_model_that_reloads_with_its_card(built):
+    from casp.identity import file_sha256
     from casp.loading import load_pretrained
-
-    from casp.mini_llava.build import PROJECTOR_FILE, file_sha256
+    from casp.mini_llava.build import PROJECTOR_FILE
 
     card = json.loads((built / "mini_llava.json").read_text())
     assert card["image_size"] == 112 and "final_loss" in card["projector_training"]

@@ -11,7 +11,7 @@ from casp.data.calibration import CalibrationConfig
 from casp.errors import CaspError
 from casp.loading import load_pretrained
 from casp.lowrank import LowRankPass
-from casp.pipeline import progress_dir, run_stage
+from casp.pipeline import output_already_done, progress_dir, run_stage
 from tiny import save_tiny
 
 CPU = torch.device("cpu")
@@ -89,6 +89,29 @@ def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path, tiny, calib_tx
                  str(calib_txt), "--nsamples", "8", "--seqlen", "32"]) == 0
     assert not dead.exists() and (out / "config.json").is_file()
     alive.rmdir()
+
+
+
+def test_output_already_done_settles_the_output_before_loading(tmp_path, tiny, calib_txt):
+    from casp.allocation.importance import ImportancePass
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    config = calib(calib_txt)
+    assert not output_already_done(str(tiny), first, "lowrank", [LowRankPass()], config, None)
+    run_stage(load_pretrained(str(tiny)), "lowrank", [LowRankPass()], config, CPU,
+              output=first, progress=False)
+    assert output_already_done(str(tiny), first, "lowrank", [LowRankPass()], config, None)
+    # another setting: the output holds a different result, refused unless overwriting
+    for passes, layers in [([LowRankPass(compression=0.5)], None), ([LowRankPass()], [1])]:
+        with pytest.raises(CaspError, match="already holds a different checkpoint"):
+            output_already_done(str(tiny), first, "lowrank", passes, config, layers)
+        assert not output_already_done(str(tiny), first, "lowrank", passes, config, layers,
+                                       overwrite=True)
+    # a checkpoint given as the model: its casp section is part of the key, as in run_stage
+    run_stage(load_pretrained(str(first)), "importance", [ImportancePass()], config, CPU,
+              output=second, progress=False)
+    assert output_already_done(str(first), second, "importance", [ImportancePass()], config,
+                               None)
 
 
 @pytest.mark.parametrize("flags", [["--method", "plain"], ["--propagate", "original"],

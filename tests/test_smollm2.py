@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import casp
-from casp.cli import _eval_ppl
+from casp.eval.perplexity import corpus_perplexity
 from casp.data.calibration import CalibrationConfig
 from casp.loading import load_pretrained
 from casp.lowrank import LowRankLinear, LowRankPass
@@ -33,14 +33,14 @@ def test_loads_as_llama_with_gqa(smollm2):
 
 
 def test_perplexity_on_bundled_text_is_sane(smollm2):
-    res = _eval_ppl(smollm2, "wiki", "test", 512, 4, CPU)
+    res = corpus_perplexity(smollm2, "wiki", "test", 512, 4, CPU)
     assert res.windows == 4 and res.tokens == 4 * 511 and res.text_tokens > 100_000
     assert 8 < res.ppl < 30
 
 
 def test_lowrank_over_two_layers(smollm2, tmp_path):
     loaded = copy.deepcopy(smollm2)
-    before = _eval_ppl(loaded, "wiki", "test", 512, 4, CPU).ppl
+    before = corpus_perplexity(loaded, "wiki", "test", 512, 4, CPU).ppl
     calib = CalibrationConfig(dataset="wiki", split="train", nsamples=8, seqlen=512, seed=3)
     out = tmp_path / "lr"
     result = run_stage(loaded, "lowrank", [LowRankPass(compression=0.75)], calib, CPU,
@@ -49,12 +49,12 @@ def test_lowrank_over_two_layers(smollm2, tmp_path):
                                       for i in (0, 1) for p in ("k", "q")]
     assert result.changes["model.layers.0.self_attn.q_proj"]["rank"] == 72
     assert result.changes["model.layers.0.self_attn.k_proj"]["rank"] == 36
-    after = _eval_ppl(loaded, "wiki", "test", 512, 4, CPU).ppl
+    after = corpus_perplexity(loaded, "wiki", "test", 512, 4, CPU).ppl
     assert before < after < 1.5 * before      # two layers of 30 at 75%: a small cost
     reloaded = casp.load_checkpoint(out)
     assert isinstance(reloaded.model.model.layers[1].self_attn.q_proj, LowRankLinear)
     assert isinstance(reloaded.model.model.layers[2].self_attn.q_proj, torch.nn.Linear)
-    assert _eval_ppl(reloaded, "wiki", "test", 512, 4, CPU).ppl == pytest.approx(after, rel=1e-6)
+    assert corpus_perplexity(reloaded, "wiki", "test", 512, 4, CPU).ppl == pytest.approx(after, rel=1e-6)
 
 
 def test_whitened_beats_plain_on_a_real_layer(smollm2):

@@ -5,7 +5,7 @@ import torch
 
 from casp.allocation import ImportancePass, allocate, average_bits, uniform_average_bits
 from casp.checkpoint import checkpoint_size, load_checkpoint
-from casp.cli import _eval_ppl
+from casp.eval.perplexity import corpus_perplexity
 from casp.data.calibration import CalibrationConfig
 from casp.loading import load_pretrained
 from casp.lowrank import LowRankPass
@@ -19,7 +19,7 @@ CALIB = CalibrationConfig(dataset="wiki", split="train", nsamples=8, seqlen=256,
 
 def ppl(checkpoint):
     loaded = load_checkpoint(checkpoint)
-    return {c: _eval_ppl(loaded, c, "test", 256, 4, CPU).ppl for c in ("wiki", "lee")}
+    return {c: corpus_perplexity(loaded, c, "test", 256, 4, CPU).ppl for c in ("wiki", "lee")}
 
 
 @pytest.fixture(scope="module")

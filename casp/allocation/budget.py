@@ -16,33 +16,32 @@ from casp.errors import CaspError
 from casp.models import ModelSpec
 from casp.quant.gptq.quantize import check_bits
 from casp.quant.gptq.setting import QuantSetting
-from casp.quant.layer_groups import described_stored_bits, is_factor, quantizable_linears
+from casp.quant.layer_groups import is_factor, quantizable_linears
+from casp.quant.registry import (QUANTIZER_LABELS, QUANTIZERS, described_stored_bits,
+                                 quantizer_of_setting)
 
 def parse_codebook_map(text: str, quantizer: str = "aqlm") -> dict[int, object]:
     """'2=2x8,3=2x12' -> {2: AQLMSetting 2x8, 3: AQLMSetting 2x12}: the codebook setting
-    each allocated width stands for; with ``quantizer`` "quip" the settings are QuIP#
-    codebooks ('2=e8p12,3=e8p12rvq3b')."""
-    from casp.quant.aqlm.quantize import AQLMSetting
-    from casp.quant.quip.setting import QuIPSetting
-
-    parse = QuIPSetting.parse if quantizer == "quip" else AQLMSetting.parse
-    example = ("2=e8p12,3=e8p12rvq3b" if quantizer == "quip" else "2=2x8,3=2x12")
+    each allocated width stands for, parsed by the quantizer's setting type (QuIP#:
+    '2=e8p12,3=e8p12rvq3b')."""
+    spec = QUANTIZERS[quantizer]
+    example = spec.default_codebooks
     result = {}
     for item in (t.strip() for t in text.split(",") if t.strip()):
         width, sep, setting = item.partition("=")
         try:
             if not sep:
                 raise ValueError
-            result[int(width)] = parse(setting)
+            result[int(width)] = spec.setting_type.parse(setting)
         except ValueError:
             raise CaspError(f"codebook map item {item!r} is not WIDTH=SETTING (e.g. {example})")
     if not result:
         raise CaspError(f"empty codebook map; give e.g. {example}")
-    if quantizer == "quip":
+    if spec.width_is_bits:
         wrong = [(w, s) for w, s in result.items() if s.bits != w]
         if wrong:
             raise CaspError(f"codebook map: {wrong[0][1].name} stores {wrong[0][1].bits} bits, "
-                            f"not {wrong[0][0]}; use 2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b")
+                            f"not {wrong[0][0]}; use {example}")
     return result
 
 
@@ -50,10 +49,7 @@ def codebook_quantizer(codebooks: dict | None) -> str:
     """Which quantizer a codebook map is for ("gptq" when there is none)."""
     if not codebooks:
         return "gptq"
-    return next(iter(codebooks.values())).quantizer
-
-
-QUANTIZER_LABELS = {"gptq": "GPTQ", "aqlm": "AQLM", "quip": "QuIP#"}
+    return quantizer_of_setting(next(iter(codebooks.values()))).name
 
 
 def dense_shapes(model: nn.Module, spec: ModelSpec) -> list[tuple[int, int]]:
@@ -142,8 +138,7 @@ class SettingRules:
         lacking = [b for b in allowed + ([self.factor_bits] if self.factor_bits else [])
                    if b not in self.codebooks]
         if lacking:
-            example = ("2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b" if self.quantizer == "quip"
-                       else "2=2x8,3=2x12,4=4x8")
+            example = QUANTIZERS[self.quantizer].default_codebooks
             raise CaspError(f"no {label} codebook setting for {lacking[0]} bits; add it to the "
                             f"codebook map (e.g. --codebooks {example})")
 
@@ -196,14 +191,10 @@ def parse_budget(text: str) -> tuple[float | None, tuple[int, int] | None]:
     bits of uniform GPTQ at that setting on the original dense model, or an AQLM setting
     (2x8, 1x16, 2x8g8) or QuIP# codebook (e8p12): what uniform AQLM / QuIP# at that
     setting stores on the dense model (the second element is then the setting)."""
-    from casp.quant.aqlm.quantize import AQLMSetting
-    from casp.quant.aqlm.setting import SETTING_PATTERN
-    from casp.quant.quip.setting import SETTINGS as QUIP_SETTINGS, QuIPSetting
-
-    if SETTING_PATTERN.match(text.strip()):
-        return None, AQLMSetting.parse(text)
-    if text.strip().lower() in QUIP_SETTINGS:
-        return None, QuIPSetting.parse(text)
+    for spec in QUANTIZERS.values():
+        setting = spec.budget_setting(text) if spec.budget_setting else None
+        if setting is not None:
+            return None, setting
     if "@" in text:
         bits, _, group = text.partition("@")
         try:

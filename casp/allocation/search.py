@@ -42,9 +42,10 @@ from torch import nn
 from casp.allocation.budget import SettingRules, dense_parameters
 from casp.allocation.plan import BitPlan, plan_meta
 from casp.allocation.solver import solve_choices
-from casp.errors import CaspError
 from casp.devices import to_device
-from casp.layerwise import LayerContext, LayerPass, fingerprint
+from casp.errors import CaspError
+from casp.identity import fingerprint
+from casp.layerwise import LayerContext, LayerPass
 from casp.lowrank import LowRankLinear, LowRankPass, saves_parameters
 from casp.quant.layer_groups import layer_linear_names
 
@@ -170,9 +171,8 @@ class SensitivityPass(LayerPass):
         """Next-token log-probabilities of the model with ``layer`` in place of layer
         ``ctx.index`` on one calibration batch, in chunks of positions."""
         spec, device = ctx.spec, ctx.device
-        kwargs = to_device(ctx.inputs.kwargs[batch], device)
-        h = layer(ctx.inputs.hidden[batch].to(device), **kwargs)
-        h = h[0] if isinstance(h, tuple) else h
+        h = ctx.run_batch(batch, layer)
+        kwargs = to_device(ctx.inputs.kwargs[batch], device)     # the later layers take them too
         decoder = spec.decoder_layers(self.model)
         for k in range(ctx.index + 1, len(decoder)):
             out = decoder[k].to(device)(h, **kwargs)          # .to moves the module in place

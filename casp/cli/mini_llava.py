@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from casp.cli.args import positive
 from casp.errors import CaspError
 
 log = logging.getLogger("casp")
@@ -68,8 +69,6 @@ def _non_negative(text: str) -> int:
 
 
 def add_parser(sub) -> None:
-    from casp.cli import _positive
-
     p = sub.add_parser("mini-llava", help="the mini LLaVA: DINOv2 ViT-S/14 + a trained "
                                           "projector + SmolLM2-135M-Instruct",
                        description="A small real LLaVA-1.5-style model from parts that ship in "
@@ -99,11 +98,11 @@ def add_parser(sub) -> None:
     t.add_argument("--init", default=None,
                    help="start from these projector weights instead of a seeded random "
                         "initialisation (continue a training run)")
-    t.add_argument("--steps", type=_positive, default=800,
+    t.add_argument("--steps", type=positive, default=800,
                    help="optimizer steps (default: 800)")
-    t.add_argument("--batch-images", type=_positive, default=8,
+    t.add_argument("--batch-images", type=positive, default=8,
                    help="images (conversations) per step (default: 8)")
-    t.add_argument("--turns", type=_positive, default=4,
+    t.add_argument("--turns", type=positive, default=4,
                    help="questions per conversation (default: 4)")
     t.add_argument("--lr", type=float, default=1e-3,
                    help="peak AdamW learning rate, cosine decay (default: 1e-3, LLaVA's stage 1)")

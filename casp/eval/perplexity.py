@@ -48,3 +48,15 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int,
     mean = total_nll / count
     return PerplexityResult(ppl=math.exp(mean), nll=mean, seqlen=seqlen, windows=len(windows),
                             tokens=count, text_tokens=int(ids.numel()))
+
+
+def corpus_perplexity(loaded, dataset: str, split: str, seqlen: int, max_windows: int | None,
+                      device, text_field: str = "text") -> PerplexityResult:
+    """:func:`perplexity` of a LoadedModel on a corpus as ``casp ppl`` names it (wiki, lee, a
+    hub corpus or a local file; ``split`` of it), after checking the model takes ``seqlen``."""
+    from casp.data import load_documents, tokenize_documents
+    from casp.data.calibration import check_seqlen
+
+    check_seqlen(loaded.model, seqlen)
+    ids = tokenize_documents(loaded.tokenizer, load_documents(dataset, split, text_field))
+    return perplexity(loaded.model, ids, seqlen, max_windows=max_windows, device=device)

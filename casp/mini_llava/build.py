@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from casp.errors import CaspError
+from casp.identity import file_sha256
 
 log = logging.getLogger("casp")
 
@@ -157,12 +158,6 @@ def build_mini_llava(out: str | Path, projector: str | Path = PROJECTOR_FILE,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _is_current(directory: Path) -> bool:

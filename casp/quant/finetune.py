@@ -8,8 +8,6 @@ import logging
 
 import torch
 
-from casp.devices import to_device
-
 log = logging.getLogger("casp")
 
 
@@ -36,10 +34,9 @@ def finetune_layer(ctx, names: list[str], targets: list[torch.Tensor], steps: in
     kept = True
     try:
         for _ in range(steps):
-            for h, kw, target in zip(ctx.inputs.hidden, ctx.inputs.kwargs, targets):
+            for j, target in enumerate(targets):
                 with torch.enable_grad():
-                    out = ctx.layer(h.to(ctx.device), **to_device(kw, ctx.device))
-                    out = out[0] if isinstance(out, tuple) else out
+                    out = ctx.run_batch(j)
                     loss = torch.nn.functional.mse_loss(out.float(),
                                                         target.to(ctx.device).float())
                     opt.zero_grad()
@@ -61,3 +58,16 @@ def finetune_layer(ctx, names: list[str], targets: list[torch.Tensor], steps: in
     for n, m in zip(names, modules):
         ctx.changes[ctx.full_name(n)].update(m.describe())      # what is stored may change
         ctx.changes[ctx.full_name(n)]["finetune_mse"] = [before, after]
+
+
+def finetune_flags(what: str) -> tuple:
+    """The command-line flags of block fine-tuning (AQLM, QuIP#), ``what`` naming the
+    parameters it trains."""
+    return (
+        ("--finetune-steps", dict(
+            type=int, default=0,
+            help=f"passes over the calibration batches fine-tuning each finished layer's "
+                 f"{what} to the original layer's outputs (default: 0 = off, as the paper)")),
+        ("--finetune-lr", dict(type=float, default=1e-4,
+                               help="Adam learning rate of the layer fine-tuning (default: 1e-4)")),
+    )

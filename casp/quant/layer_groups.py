@@ -112,21 +112,6 @@ def quantize_in_order(ctx, groups: list[list[str]], true_sequential: bool, quant
             quantize(ctx, name, grams[name])
 
 
-def described_stored_bits(d: dict) -> int | None:
-    """Stored bits of a quantized module from its checkpoint description (None: the
-    module is not a quantized one)."""
-    if d.get("type") == "gptq":
-        from casp.quant.gptq.quantize import described_bits
-        return described_bits(d)
-    if d.get("type") == "aqlm":
-        from casp.quant.aqlm.setting import described_bits
-        return described_bits(d)
-    if d.get("type") == "quip":
-        from casp.quant.quip.linear import described_bits
-        return described_bits(d)
-    return None
-
-
 def is_factor(name: str) -> bool:
     """Whether a quantizable module name is a low-rank factor."""
     return name.endswith(".down") or name.endswith(".up")

@@ -9,8 +9,9 @@ from torch import nn
 
 class StoredLinear(nn.Module):
     """Base of the quantized linears. Subclasses set ``fp16_buffers`` (stored tensors that
-    ``.to(dtype)`` must not touch), implement ``decode_weight()`` (float32 [out, in] from
-    storage) and ``describe()``."""
+    ``.to(dtype)`` must not touch) and ``stored_tensors`` (the tensor names a checkpoint
+    holds of it), and implement ``decode_weight()`` (float32 [out, in] from storage),
+    ``describe()`` and ``described_bits(description)`` (its stored bits)."""
 
     fp16_buffers: tuple[str, ...] = ()
 
@@ -57,6 +58,4 @@ class StoredLinear(nn.Module):
                 p.copy_(p.half().float())
 
     def storage_bits(self) -> int:
-        from casp.quant.layer_groups import described_stored_bits
-
-        return described_stored_bits(self.describe())
+        return self.described_bits(self.describe())

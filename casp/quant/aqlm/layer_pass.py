@@ -11,9 +11,10 @@ import torch
 
 from casp.errors import CaspError
 from casp.layerwise import LayerContext, LayerPass
+from casp.options import positive
 from casp.quant.aqlm.quantize import AQLMSetting, aqlm_quantize
 from casp.quant.aqlm.linear import AQLMLinear
-from casp.quant.finetune import finetune_layer
+from casp.quant.finetune import finetune_flags, finetune_layer
 from casp.quant.layer_groups import PlannedPass, checked_groups, quantize_in_order
 
 log = logging.getLogger("casp")
@@ -94,3 +95,51 @@ class AQLMPass(PlannedPass, LayerPass):
         ctx.changes[full]["rounds"] = result.rounds
         log.debug("%s: AQLM %s, relative error %.4f after %d rounds", full, setting.name,
                   result.relative_error, result.rounds)
+
+
+FLAGS = (
+    ("--codebooks", dict(default="2x8",
+                         help="setting of modules the plan does not name: M codebooks of 2^B "
+                              "entries, MxB (2x8: 2 bits, the fast-kernel setting; 1x16: AQLM's "
+                              "best 2-bit; 2x12: 3 bits) (default: 2x8)")),
+    ("--in-group-size", dict(type=positive, default=8,
+                             help="consecutive input weights coded together (default: 8)")),
+    ("--beam-size", dict(type=positive, default=1,
+                         help="hypotheses per row in the code search; 1 = greedy (default: 1)")),
+    ("--max-rounds", dict(type=int, default=100,
+                          help="at most this many rounds of codebook updates + code search "
+                               "(default: 100; the tolerance usually stops earlier)")),
+    ("--steps-per-round", dict(type=int, default=100,
+                               help="Adam steps on codebooks and scales per round (default: 100)")),
+    ("--lr", dict(type=float, default=1e-4,
+                  help="Adam learning rate, betas (0, 0.95) (default: 1e-4)")),
+    ("--tolerance", dict(type=float, default=0.01,
+                         help="stop when a round lowers the relative error by less than this "
+                              "fraction (default: 0.01)")),
+    ("--kmeans-iterations", dict(type=int, default=20,
+                                 help="Lloyd iterations of each codebook's k-means "
+                                      "initialisation (default: 20)")),
+    ("--kmeans-max-points", dict(type=int, default=256,
+                                 help="k-means fits at most this many weight groups per codebook "
+                                      "entry (0 = all; default: 256)")),
+    *finetune_flags("codebooks and scales"),
+    ("--init-seed", dict(type=int, default=0,
+                         help="seed of the k-means initialisation (default: 0)")),
+    ("--export-aqlm", dict(default=None,
+                           help="also write the standard HF AQLM format (stock transformers + "
+                                "aqlm load it) to this directory; needs one global setting and "
+                                "no low-rank modules")),
+)
+
+
+def pass_from_flags(args, plan) -> AQLMPass:
+    """The pass ``casp aqlm`` runs: ``args`` its parsed flags, ``plan`` a BitPlan or None."""
+    return AQLMPass(AQLMSetting.parse(args.codebooks, args.in_group_size),
+                    plan=plan.modules if plan else None,
+                    plan_id=plan.fingerprint() if plan else None, beam_size=args.beam_size,
+                    max_rounds=args.max_rounds, steps_per_round=args.steps_per_round,
+                    lr=args.lr, tolerance=args.tolerance,
+                    kmeans_iterations=args.kmeans_iterations,
+                    kmeans_max_points=args.kmeans_max_points,
+                    true_sequential=args.true_sequential, finetune_steps=args.finetune_steps,
+                    finetune_lr=args.finetune_lr, seed=args.init_seed)

@@ -22,7 +22,8 @@ from torch import nn
 
 from casp.errors import CaspError
 from casp.modules import register_module_type
-from casp.quant.aqlm.quantize import AQLMResult, AQLMSetting, dequantize, from_storage_codes, to_storage_codes
+from casp.quant.aqlm.quantize import AQLMResult, dequantize, from_storage_codes, to_storage_codes
+from casp.quant.aqlm.setting import AQLMSetting, described_bits
 from casp.quant.stored import StoredLinear
 
 
@@ -62,6 +63,8 @@ def _aqlm_quantized_linear():
 class AQLMLinear(StoredLinear):
     type_name = "aqlm"
     fp16_buffers = ("codebooks", "scales")
+    stored_tensors = ("codes", "codebooks", "scales")
+    described_bits = staticmethod(described_bits)
 
     def __init__(self, in_features: int, out_features: int, num_codebooks: int,
                  nbits_per_codebook: int, in_group_size: int = 8, bias: bool = False,

@@ -4,11 +4,13 @@ then gate/up, then down), each group's Hessian taken from inputs that already we
 the quantized modules before it."""
 from __future__ import annotations
 
+import argparse
 import logging
 
 import torch
 
 from casp.errors import CaspError
+from casp.options import group, positive, width
 from casp.layerwise import LayerContext, LayerPass
 from casp.quant.layer_groups import layer_quantization_groups, quantize_in_order
 from casp.quant.gptq.quantize import check_bits, gptq_quantize, weighted_error
@@ -72,3 +74,44 @@ class GPTQPass(LayerPass):
         error = weighted_error(linear.weight.data.float(), module.dequantized_weight(), hessian)
         ctx.replace(name, module)
         ctx.changes[full]["relative_error"] = round(error, 6)
+
+
+FLAGS = (
+    ("--bits", dict(type=width, default=2,
+                    help="bits of modules the plan does not name, 2-8 (default: 2)")),
+    ("--group-size", dict(type=group, default=128,
+                          help="group size of modules the plan does not name; -1 = per channel; "
+                               "a size that does not divide the input leaves a shorter last "
+                               "group (default: 128)")),
+    ("--act-order", dict(action=argparse.BooleanOptionalAction, default=True,
+                         help="quantize columns in order of decreasing Hessian diagonal "
+                              "(default: on)")),
+    ("--static-groups", dict(action="store_true",
+                             help="with act-order, fix each group's grid on the original column "
+                                  "order before quantizing (no group indices stored)")),
+    ("--damp", dict(type=float, default=0.01,
+                    help="dampening, a fraction of the mean Hessian diagonal (default: 0.01)")),
+    ("--block-size", dict(type=positive, default=128,
+                          help="columns per lazy update block (default: 128)")),
+    ("--export-gptq", dict(default=None,
+                           help="also write the standard GPTQ format (transformers / vLLM) to "
+                                "this directory; needs one global setting, 2/4/8 bits, no "
+                                "low-rank modules")),
+)
+
+
+def pass_from_flags(args, plan) -> GPTQPass:
+    """The pass ``casp gptq`` runs: ``args`` its parsed flags, ``plan`` a BitPlan or None
+    (refused when it counted group indices these flags do not store, or the reverse)."""
+    if plan is not None:
+        g_idx = args.act_order and not args.static_groups
+        if plan.meta.get("g_idx", g_idx) != g_idx:
+            raise CaspError(f"the plan counted {'no ' if not plan.meta['g_idx'] else ''}group "
+                            "indices (act-order with dynamic groups) but these flags "
+                            f"{'need' if g_idx else 'do not need'} them; pass the same "
+                            "--act-order/--static-groups to casp allocate and casp gptq")
+    return GPTQPass(bits=args.bits, group_size=args.group_size,
+                    plan=plan.modules if plan else None,
+                    plan_id=plan.fingerprint() if plan else None, act_order=args.act_order,
+                    static_groups=args.static_groups, damp=args.damp,
+                    block_size=args.block_size, true_sequential=args.true_sequential)

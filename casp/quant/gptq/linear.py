@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from casp.modules import register_module_type
-from casp.quant.gptq.quantize import GPTQResult, check_bits, dequantize, effective_group_size
+from casp.quant.gptq.quantize import (GPTQResult, check_bits, dequantize, described_bits,
+                                      effective_group_size)
 from casp.quant.packing import pack_bits, packed_size, unpack_bits
 from casp.quant.stored import StoredLinear
 
@@ -26,6 +27,8 @@ from casp.quant.stored import StoredLinear
 class GPTQLinear(StoredLinear):
     type_name = "gptq"
     fp16_buffers = ("scales", "zeros")
+    stored_tensors = ("qweight", "scales", "zeros", "g_idx")
+    described_bits = staticmethod(described_bits)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  g_idx: bool = False, bias: bool = False, dtype: torch.dtype | None = None,

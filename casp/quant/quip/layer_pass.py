@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from casp.errors import CaspError
+from casp.identity import model_identity
 from casp.layerwise import LayerContext, LayerPass
-from casp.quant.finetune import finetune_layer
+from casp.quant.finetune import finetune_flags, finetune_layer
 from casp.quant.layer_groups import PlannedPass, checked_groups, quantize_in_order
-from casp.quant.quip.hessians import load_hessian
+from casp.quant.quip.hessians import check_hessian_dir, load_hessian
 from casp.quant.quip.setting import QuIPSetting
 from casp.quant.quip.quantize import quip_quantize
 from casp.quant.quip.linear import QuIPLinear
@@ -102,3 +103,34 @@ class QuIPPass(PlannedPass, LayerPass):
         ctx.replace(name, module)
         ctx.changes[full]["relative_error"] = round(result.relative_error, 6)
         log.debug("%s: QuIP# %s, relative error %.4f", full, setting.name, result.relative_error)
+
+
+FLAGS = (
+    ("--codebook", dict(default="e8p12",
+                        help="codebook of modules the plan does not name: e8p12 (2 bits), "
+                             "e8p12rvq3b (E8P12 + a 1-bit E8 residual: 3 bits), e8p12rvq4b "
+                             "(E8P12 + an E8P12 residual: 4 bits) (default: e8p12)")),
+    ("--hessians", dict(default=None,
+                        help="directory from casp hessians (QuIP#'s offline Hessians of the model "
+                             "as given); default: collect them in this pass, after the modules "
+                             "before each one were quantized (see --true-sequential)")),
+    ("--sigma-reg", dict(type=float, default=0.01,
+                         help="damping added to the diagonal of the Hessian normalised to mean "
+                              "diagonal 1 (default: 0.01)")),
+    *finetune_flags("sign vectors (made real-valued, stored in fp16)"),
+    ("--sign-seed", dict(type=int, default=0,
+                         help="seed of the random sign vectors (default: 0)")),
+)
+
+
+def pass_from_flags(args, plan) -> QuIPPass:
+    """The pass ``casp quip`` runs: ``args`` its parsed flags, ``plan`` a BitPlan or None;
+    offline Hessians are refused unless they are of the model given."""
+    quip = QuIPPass(args.codebook, plan=plan.modules if plan else None,
+                    plan_id=plan.fingerprint() if plan else None, hessians=args.hessians,
+                    sigma_reg=args.sigma_reg, true_sequential=args.true_sequential,
+                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                    seed=args.sign_seed)
+    if quip.hessians is not None:        # the pass checked it exists; now whose they are
+        check_hessian_dir(quip.hessians, model_identity(args.model), writing=False)
+    return quip

@@ -35,6 +35,11 @@ def to_int16(codes: torch.Tensor) -> torch.Tensor:
 @register_module_type
 class QuIPLinear(StoredLinear):
     type_name = "quip"
+    stored_tensors = ("codes", "resid_codes", "su", "sv", "scale")
+
+    @staticmethod
+    def described_bits(d: dict) -> int:
+        return described_bits(d)
 
     def __init__(self, in_features: int, out_features: int, codebook: str = "e8p12",
                  bias: bool = False, real_signs: bool = False,
