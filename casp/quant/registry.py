@@ -40,6 +40,9 @@ class QuantizerSpec:
         module_class: the stored module it writes (its ``type_name`` in checkpoints, its
             ``stored_tensors`` and ``described_bits(description)``).
         pass_type: the layer pass; ``pass_type(plan=..., plan_id=...)`` runs with defaults.
+        quantize_linear: ``(linear, hessian, setting) -> (module, result)``: one dense linear
+            quantized at a setting (what the pass does to each linear).
+        example_setting: a setting of this quantizer (tests, docs).
         flags: its own command-line flags, ``(flag, argparse keyword arguments)``.
         pass_from_flags: ``(args, plan) -> pass`` from the parsed flags and a BitPlan or None.
         search_options: flags the measured search passes on to ``pass_type`` (its other
@@ -59,6 +62,8 @@ class QuantizerSpec:
     setting_type: type
     module_class: type
     pass_type: type
+    quantize_linear: Callable
+    example_setting: object
     flags: tuple
     pass_from_flags: Callable
     help: str
@@ -92,7 +97,8 @@ _STAGE3 = ("Quantize every linear of the language model's decoder layers (low-ra
 QUANTIZERS: dict[str, QuantizerSpec] = {spec.name: spec for spec in (
     QuantizerSpec(
         name="gptq", label="GPTQ", setting_type=QuantSetting, module_class=GPTQLinear,
-        pass_type=gptq_pass.GPTQPass, flags=gptq_pass.FLAGS,
+        pass_type=gptq_pass.GPTQPass, quantize_linear=gptq_pass.quantize_linear,
+        example_setting=QuantSetting(2, 128, g_idx=True), flags=gptq_pass.FLAGS,
         pass_from_flags=gptq_pass.pass_from_flags, search_options=("act_order", "static_groups"),
         export=gptq_export.export_gptq, export_flag="export_gptq",
         help="stage 3: GPTQ quantization (uniform, or per module from a plan)",
@@ -102,7 +108,8 @@ QUANTIZERS: dict[str, QuantizerSpec] = {spec.name: spec for spec in (
         plan_help="bit plan from casp allocate (per-module bits)"),
     QuantizerSpec(
         name="aqlm", label="AQLM", setting_type=AQLMSetting, module_class=AQLMLinear,
-        pass_type=aqlm_pass.AQLMPass, flags=aqlm_pass.FLAGS,
+        pass_type=aqlm_pass.AQLMPass, quantize_linear=aqlm_pass.quantize_linear,
+        example_setting=AQLMSetting(2, 8), flags=aqlm_pass.FLAGS,
         pass_from_flags=aqlm_pass.pass_from_flags, default_codebooks="2=2x8,3=2x12,4=4x8",
         budget_setting=_aqlm_budget, export=aqlm_export.export_aqlm, export_flag="export_aqlm",
         help="stage 3: AQLM quantization (uniform, or per module from a plan)",
@@ -116,7 +123,8 @@ QUANTIZERS: dict[str, QuantizerSpec] = {spec.name: spec for spec in (
         plan_help="bit plan from casp allocate --quantizer aqlm (per-module codebooks)"),
     QuantizerSpec(
         name="quip", label="QuIP#", setting_type=QuIPSetting, module_class=QuIPLinear,
-        pass_type=quip_pass.QuIPPass, flags=quip_pass.FLAGS,
+        pass_type=quip_pass.QuIPPass, quantize_linear=quip_pass.quantize_linear,
+        example_setting=QUIP_SETTINGS["e8p12"], flags=quip_pass.FLAGS,
         pass_from_flags=quip_pass.pass_from_flags,
         default_codebooks="2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b", width_is_bits=True,
         budget_setting=_quip_budget,

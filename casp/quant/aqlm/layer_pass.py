@@ -8,11 +8,12 @@ import logging
 import zlib
 
 import torch
+from torch import nn
 
 from casp.errors import CaspError
 from casp.layerwise import LayerContext, LayerPass
 from casp.options import positive
-from casp.quant.aqlm.quantize import AQLMSetting, aqlm_quantize
+from casp.quant.aqlm.quantize import AQLMResult, AQLMSetting, aqlm_quantize
 from casp.quant.aqlm.linear import AQLMLinear
 from casp.quant.finetune import finetune_flags, finetune_layer
 from casp.quant.layer_groups import PlannedPass, checked_groups, quantize_in_order
@@ -81,20 +82,26 @@ class AQLMPass(PlannedPass, LayerPass):
         setting = self.module_setting(full)
         linear = ctx.module(name)
         hessian = (2 * gram.mean()).to(torch.float32)
-        result = aqlm_quantize(linear.weight.data, hessian, setting, beam_size=self.beam_size,
-                               max_rounds=self.max_rounds, steps_per_round=self.steps_per_round,
-                               lr=self.lr, tolerance=self.tolerance,
-                               kmeans_iterations=self.kmeans_iterations,
-                               kmeans_max_points=self.kmeans_max_points,
-                               seed=self.seed + zlib.crc32(full.encode()) % 100_000)
-        bias = linear.bias.data if linear.bias is not None else None
-        module = AQLMLinear.from_result(result, bias, linear.weight.dtype)
+        module, result = quantize_linear(
+            linear, hessian, setting, beam_size=self.beam_size, max_rounds=self.max_rounds,
+            steps_per_round=self.steps_per_round, lr=self.lr, tolerance=self.tolerance,
+            kmeans_iterations=self.kmeans_iterations, kmeans_max_points=self.kmeans_max_points,
+            seed=self.seed + zlib.crc32(full.encode()) % 100_000)
         module.cache_weight()
         ctx.replace(name, module)
         ctx.changes[full]["relative_error"] = round(result.relative_error, 6)
         ctx.changes[full]["rounds"] = result.rounds
         log.debug("%s: AQLM %s, relative error %.4f after %d rounds", full, setting.name,
                   result.relative_error, result.rounds)
+
+
+def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, setting: AQLMSetting, **options
+                    ) -> tuple[AQLMLinear, AQLMResult]:
+    """One dense linear quantized with AQLM at ``setting`` (``options``: those of
+    :func:`casp.quant.aqlm.quantize.aqlm_quantize`), as the stored module and the result."""
+    result = aqlm_quantize(linear.weight.data, hessian, setting, **options)
+    bias = linear.bias.data if linear.bias is not None else None
+    return AQLMLinear.from_result(result, bias, linear.weight.dtype), result
 
 
 FLAGS = (

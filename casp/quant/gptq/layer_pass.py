@@ -8,12 +8,14 @@ import argparse
 import logging
 
 import torch
+from torch import nn
 
 from casp.errors import CaspError
 from casp.options import group, positive, width
 from casp.layerwise import LayerContext, LayerPass
 from casp.quant.layer_groups import layer_quantization_groups, quantize_in_order
-from casp.quant.gptq.quantize import check_bits, gptq_quantize, weighted_error
+from casp.quant.gptq.quantize import GPTQResult, check_bits, gptq_quantize, weighted_error
+from casp.quant.gptq.setting import QuantSetting
 from casp.quant.gptq.linear import GPTQLinear
 
 log = logging.getLogger("casp")
@@ -63,17 +65,27 @@ class GPTQPass(LayerPass):
         bits, group_size = self.module_setting(full)
         linear = ctx.module(name)
         hessian = (2 * gram.mean()).to(torch.float32)
-        result = gptq_quantize(linear.weight.data, hessian, bits, group_size,
-                               act_order=self.act_order, static_groups=self.static_groups,
-                               damp=self.damp, block_size=self.block_size)
-        bias = linear.bias.data if linear.bias is not None else None
-        module = GPTQLinear.from_result(result, bits, bias, linear.weight.dtype)
+        module, _ = quantize_linear(linear, hessian, QuantSetting(bits, group_size),
+                                    act_order=self.act_order, static_groups=self.static_groups,
+                                    damp=self.damp, block_size=self.block_size)
         # the layer's later forwards (the next groups' inputs, the outputs) reuse the
         # dequantized weight; moving the layer off the device drops it
         module.cache_weight()
         error = weighted_error(linear.weight.data.float(), module.dequantized_weight(), hessian)
         ctx.replace(name, module)
         ctx.changes[full]["relative_error"] = round(error, 6)
+
+
+def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, setting: QuantSetting,
+                    act_order: bool = True, static_groups: bool = False, damp: float = 0.01,
+                    block_size: int = 128) -> tuple[GPTQLinear, GPTQResult]:
+    """One dense linear quantized with GPTQ at ``setting`` (its bits and group size; group
+    indices follow from act-order), as the stored module and the algorithm's result."""
+    result = gptq_quantize(linear.weight.data, hessian, setting.bits, setting.group_size,
+                           act_order=act_order, static_groups=static_groups, damp=damp,
+                           block_size=block_size)
+    bias = linear.bias.data if linear.bias is not None else None
+    return GPTQLinear.from_result(result, setting.bits, bias, linear.weight.dtype), result
 
 
 FLAGS = (

@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from casp.errors import CaspError
 from casp.identity import model_identity
@@ -21,7 +22,7 @@ from casp.quant.finetune import finetune_flags, finetune_layer
 from casp.quant.layer_groups import PlannedPass, checked_groups, quantize_in_order
 from casp.quant.quip.hessians import check_hessian_dir, load_hessian
 from casp.quant.quip.setting import QuIPSetting
-from casp.quant.quip.quantize import quip_quantize
+from casp.quant.quip.quantize import QuIPResult, quip_quantize
 from casp.quant.quip.linear import QuIPLinear
 
 log = logging.getLogger("casp")
@@ -94,15 +95,22 @@ class QuIPPass(PlannedPass, LayerPass):
             raise CaspError(f"the Hessian of {full} is {hessian.shape[0]}-dimensional but the "
                             f"module has {linear.weight.shape[1]} inputs: it was computed on "
                             "another model; recompute it")
-        result = quip_quantize(linear.weight.data, hessian.to(linear.weight.device), setting,
-                               sigma_reg=self.sigma_reg,
-                               seed=self.seed + zlib.crc32(full.encode()) % 100_000)
-        bias = linear.bias.data if linear.bias is not None else None
-        module = QuIPLinear.from_result(result, bias, linear.weight.dtype)
+        module, result = quantize_linear(linear, hessian.to(linear.weight.device), setting,
+                                         sigma_reg=self.sigma_reg,
+                                         seed=self.seed + zlib.crc32(full.encode()) % 100_000)
         module.cache_weight()
         ctx.replace(name, module)
         ctx.changes[full]["relative_error"] = round(result.relative_error, 6)
         log.debug("%s: QuIP# %s, relative error %.4f", full, setting.name, result.relative_error)
+
+
+def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, setting: QuIPSetting,
+                    sigma_reg: float = 0.01, seed: int = 0) -> tuple[QuIPLinear, QuIPResult]:
+    """One dense linear quantized with QuIP# at ``setting`` (a codebook), as the stored
+    module and the algorithm's result."""
+    result = quip_quantize(linear.weight.data, hessian, setting, sigma_reg=sigma_reg, seed=seed)
+    bias = linear.bias.data if linear.bias is not None else None
+    return QuIPLinear.from_result(result, bias, linear.weight.dtype), result
 
 
 FLAGS = (
