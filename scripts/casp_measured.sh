@@ -30,12 +30,9 @@ SEARCH_SAMPLES=${SEARCH_SAMPLES:-8}                 # samples whose output KL is
 DATASET=${DATASET:-c4}
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                                    # more flags for the quantizer (step 3)
 source "$(dirname "$0")/casp_cmd.sh"
+source "$(dirname "$0")/stage_defaults.sh"
 calib=(--dataset "$DATASET" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed "$SEED"
        --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE"
        ${mm_calib[@]+"${mm_calib[@]}"})

@@ -3,6 +3,7 @@
 # it (CASP_AQLM); without, every module gets CODEBOOKS (the baseline). Rerunning after an
 # interruption resumes from the last finished layer.
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/stage_defaults.sh"
 calib=(--dataset "$DATASET" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed "$SEED"
        --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE"
        ${mm_calib[@]+"${mm_calib[@]}"})

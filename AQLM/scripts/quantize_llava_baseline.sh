@@ -16,10 +16,6 @@ FINETUNE_STEPS=${FINETUNE_STEPS:-0}
 DATASET=${DATASET:-redpajama}
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                  # e.g. "--export-aqlm checkpoints/llava-aqlm-hf" (HF AQLM format)
 unset PLAN_BUDGET
 source "$(dirname "$0")/aqlm_stage.sh"

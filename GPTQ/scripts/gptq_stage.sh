@@ -2,6 +2,7 @@
 # first writes a bit plan (stage 2) unless PLAN already exists, then quantizes with it
 # (CASP_GPTQ); without, every module gets BITS/GROUP_SIZE (the baseline).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/stage_defaults.sh"
 calib=(--dataset "$DATASET" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed "$SEED"
        --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE"
        ${mm_calib[@]+"${mm_calib[@]}"})

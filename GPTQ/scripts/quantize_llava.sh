@@ -19,9 +19,5 @@ DAMP=${DAMP:-0.01}
 DATASET=${DATASET:-c4}                              # GPTQ's calibration text
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                                    # more casp gptq flags
 source "$(dirname "$0")/gptq_stage.sh"

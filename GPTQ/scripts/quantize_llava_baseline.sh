@@ -11,10 +11,6 @@ DAMP=${DAMP:-0.01}
 DATASET=${DATASET:-c4}
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                  # e.g. "--export-gptq checkpoints/llava-gptq-std" (2/4/8 bits)
 unset PLAN_BUDGET
 source "$(dirname "$0")/gptq_stage.sh"

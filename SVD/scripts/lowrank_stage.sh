@@ -1,5 +1,6 @@
 # Sourced by svd_llava.sh and svd_llama.sh after they set their defaults: runs stage 1.
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/stage_defaults.sh"
 "$CASP" lowrank \
   --model "$MODEL" \
   --output "$OUTPUT" \

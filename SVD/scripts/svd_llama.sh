@@ -10,10 +10,7 @@ RANK_MULTIPLE=${RANK_MULTIPLE:-8}   # ranks multiple of 8: AQLM's input groups d
 DATASET=${DATASET:-redpajama}
 NSAMPLES=${NSAMPLES:-256}
 SEQLEN=${SEQLEN:-4096}
-SEED=${SEED:-3}
 BATCH_SIZE=${BATCH_SIZE:-4}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}
 
 source "$(dirname "$0")/lowrank_stage.sh"

@@ -12,10 +12,6 @@ RANK_MULTIPLE=${RANK_MULTIPLE:-8}   # ranks multiple of 8: AQLM's input groups d
 DATASET=${DATASET:-redpajama}       # the paper calibrates LLaVA with RedPajama text
 NSAMPLES=${NSAMPLES:-256}
 SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                    # more flags, e.g. "--mm-data instruct.json --image-root imgs"
 
 source "$(dirname "$0")/lowrank_stage.sh"

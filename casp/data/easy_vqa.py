@@ -104,17 +104,13 @@ def is_builtin(name) -> bool:
     return str(name) in BUILTIN_NAMES and not Path(str(name)).exists()
 
 
-def instruct_samples(name: str, nsamples: int | None, seed: int):
-    """Calibration samples for ``--mm-data easy-vqa`` (train split) or ``easy-vqa:test``."""
-    from casp.data.multimodal import MultimodalSample
-
+def builtin_records(name: str, nsamples: int | None, seed: int) -> list[dict]:
+    """The LLaVA-Instruct records ``--mm-data easy-vqa`` (train split) or ``easy-vqa:test``
+    names (casp.data.multimodal turns them into calibration samples)."""
     if name not in BUILTIN_NAMES:
         raise CaspError(f"unknown built-in multimodal data {name!r}; use easy-vqa or "
                         "easy-vqa:test, or a LLaVA-Instruct JSON file")
-    split = BUILTIN_NAMES[name]
-    return [MultimodalSample(conversations=rec["conversations"], images=[Path(rec["image"])],
-                             id=rec["id"])
-            for rec in instruct_records(split, nsamples, seed)]
+    return instruct_records(BUILTIN_NAMES[name], nsamples, seed)
 
 
 def write_llava_instruct(path: str | Path, split: str = "train", nsamples: int = 128,

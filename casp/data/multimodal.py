@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from casp.errors import CaspError
+from casp.data.easy_vqa import builtin_records, is_builtin
 from casp.data.video import DEFAULT_NUM_FRAMES, uniform_frames
+from casp.errors import CaspError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -71,10 +72,10 @@ def load_llava_instruct(path: str | Path, image_root: str | Path | None = None,
     """Read LLaVA-Instruct JSON (a list, or JSON lines); pick ``nsamples`` at random; keep
     ``num_frames`` of each video's frames, evenly spread. ``easy-vqa`` (or
     ``easy-vqa:test``) names the built-in easy-vqa training (test) questions instead of a file."""
-    from casp.data.easy_vqa import instruct_samples, is_builtin
-
     if is_builtin(path):
-        return instruct_samples(str(path), nsamples, seed)
+        return [MultimodalSample(conversations=rec["conversations"], images=[Path(rec["image"])],
+                                 id=rec["id"])
+                for rec in builtin_records(str(path), nsamples, seed)]
     path = Path(path)
     if not path.is_file():
         raise CaspError(f"multimodal calibration file {path} does not exist; check the path")

@@ -8,7 +8,8 @@ and loading rebuilds its modules. Adding a quantizer is one folder and one entry
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 from casp.errors import CaspError
@@ -27,6 +28,10 @@ from casp.quant.quip.setting import SETTINGS as QUIP_SETTINGS
 from casp.quant.quip.setting import QuIPSetting
 
 
+STAGE3_DESCRIPTION = ("Quantize every linear of the language model's decoder layers "
+                      "(low-rank factors included) with ")
+
+
 @dataclass(frozen=True)
 class QuantizerSpec:
     """What casp needs to know of one quantizer.
@@ -39,48 +44,66 @@ class QuantizerSpec:
             ``from_plan_entry(entry)``).
         module_class: the stored module it writes (its ``type_name`` in checkpoints, its
             ``stored_tensors`` and ``described_bits(description)``).
-        pass_type: the layer pass; ``pass_type(plan=..., plan_id=...)`` runs with defaults.
-        quantize_linear: ``(linear, hessian, setting) -> (module, result)``: one dense linear
-            quantized at a setting (what the pass does to each linear).
+        layer_pass: the module of its engine pass, which defines the pass class
+            (``PASS``), ``quantize_linear(linear, hessian, setting) -> (module, result)``,
+            the command's flags (``FLAGS``: ``(flag, argparse keyword arguments)``),
+            ``pass_from_flags(args, plan)`` and the command's texts (``HELP``,
+            ``DESCRIPTION``, ``PLAN_HELP``).
         example_setting: a setting of this quantizer (tests, docs).
-        flags: its own command-line flags, ``(flag, argparse keyword arguments)``.
-        pass_from_flags: ``(args, plan) -> pass`` from the parsed flags and a BitPlan or None.
-        search_options: flags the measured search passes on to ``pass_type`` (its other
-            settings stay at their defaults there).
+        search_options: flags the measured search passes on to the pass (its other settings
+            stay at their defaults there).
         default_codebooks: codebook quantizers: the setting each allocated width stands for,
             "WIDTH=SETTING,..." (None: the setting is bits and a group size).
         width_is_bits: a codebook's width must equal its stored bits per weight.
         budget_setting: ``text -> setting`` for a budget given as that quantizer's uniform
             setting (``casp allocate --budget 2x8``), None when ``text`` is not one.
-        export: ``(loaded, output, overwrite) -> path`` writing the standard format, and
-            the flag that asks for it.
-        help, description, plan_help: the command's texts.
+        export, export_flag: ``(loaded, output, overwrite) -> path`` writing the standard
+            format, and the flag (attribute name) that asks for it.
     """
 
     name: str
     label: str
     setting_type: type
     module_class: type
-    pass_type: type
-    quantize_linear: Callable
+    layer_pass: ModuleType
     example_setting: object
-    flags: tuple
-    pass_from_flags: Callable
-    help: str
-    description: str
-    plan_help: str
     search_options: tuple[str, ...] = ()
     default_codebooks: str | None = None
     width_is_bits: bool = False
     budget_setting: Callable[[str], object] | None = None
     export: Callable | None = None
     export_flag: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def coded(self) -> bool:
         """Whether a width stands for a codebook setting (AQLM, QuIP#) rather than bits."""
         return self.default_codebooks is not None
+
+    @property
+    def pass_type(self) -> type:
+        return self.layer_pass.PASS
+
+    def quantize_linear(self, linear, hessian, setting, **options):
+        return self.layer_pass.quantize_linear(linear, hessian, setting, **options)
+
+    def pass_from_flags(self, args, plan):
+        return self.layer_pass.pass_from_flags(args, plan)
+
+    @property
+    def flags(self) -> tuple:
+        return self.layer_pass.FLAGS
+
+    @property
+    def help(self) -> str:
+        return self.layer_pass.HELP
+
+    @property
+    def plan_help(self) -> str:
+        return self.layer_pass.PLAN_HELP
+
+    @property
+    def description(self) -> str:
+        return STAGE3_DESCRIPTION + self.layer_pass.DESCRIPTION
 
 
 def _aqlm_budget(text: str):
@@ -91,52 +114,19 @@ def _quip_budget(text: str):
     return QuIPSetting.parse(text) if text.strip().lower() in QUIP_SETTINGS else None
 
 
-_STAGE3 = ("Quantize every linear of the language model's decoder layers (low-rank factors "
-           "included) with ")
-
 QUANTIZERS: dict[str, QuantizerSpec] = {spec.name: spec for spec in (
-    QuantizerSpec(
-        name="gptq", label="GPTQ", setting_type=QuantSetting, module_class=GPTQLinear,
-        pass_type=gptq_pass.GPTQPass, quantize_linear=gptq_pass.quantize_linear,
-        example_setting=QuantSetting(2, 128, g_idx=True), flags=gptq_pass.FLAGS,
-        pass_from_flags=gptq_pass.pass_from_flags, search_options=("act_order", "static_groups"),
-        export=gptq_export.export_gptq, export_flag="export_gptq",
-        help="stage 3: GPTQ quantization (uniform, or per module from a plan)",
-        description=_STAGE3 + "GPTQ, layer by layer, and write a checkpoint of packed low-bit "
-                    "weights. Without --plan every module gets --bits/--group-size (the "
-                    "baseline); with --plan each gets the plan's setting (CASP_GPTQ).",
-        plan_help="bit plan from casp allocate (per-module bits)"),
-    QuantizerSpec(
-        name="aqlm", label="AQLM", setting_type=AQLMSetting, module_class=AQLMLinear,
-        pass_type=aqlm_pass.AQLMPass, quantize_linear=aqlm_pass.quantize_linear,
-        example_setting=AQLMSetting(2, 8), flags=aqlm_pass.FLAGS,
-        pass_from_flags=aqlm_pass.pass_from_flags, default_codebooks="2=2x8,3=2x12,4=4x8",
-        budget_setting=_aqlm_budget, export=aqlm_export.export_aqlm, export_flag="export_aqlm",
-        help="stage 3: AQLM quantization (uniform, or per module from a plan)",
-        description=_STAGE3 + "additive quantization (AQLM), layer by layer: residual k-means "
-                    "initialisation, then rounds of Adam on codebooks and scales and a beam "
-                    "search over the codes, until a round improves the layer output error by "
-                    "less than --tolerance. Without --plan every module gets --codebooks (the "
-                    "baseline); with --plan each gets the plan's setting (CASP_AQLM). The "
-                    "checkpoint stores codes, codebooks and scales in the aqlm package's layout "
-                    "and runs through its kernels.",
-        plan_help="bit plan from casp allocate --quantizer aqlm (per-module codebooks)"),
-    QuantizerSpec(
-        name="quip", label="QuIP#", setting_type=QuIPSetting, module_class=QuIPLinear,
-        pass_type=quip_pass.QuIPPass, quantize_linear=quip_pass.quantize_linear,
-        example_setting=QUIP_SETTINGS["e8p12"], flags=quip_pass.FLAGS,
-        pass_from_flags=quip_pass.pass_from_flags,
-        default_codebooks="2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b", width_is_bits=True,
-        budget_setting=_quip_budget,
-        help="stage 3: QuIP# quantization (uniform, or per module from a plan)",
-        description=_STAGE3 + "QuIP#: random-sign Hadamard incoherence on both sides of W and "
-                    "H, then BlockLDLQ (blocks of 8 columns, LDL error feedback) onto an E8 "
-                    "lattice codebook (E8P12: 2 bits; with a residual E8 codebook: 3 or 4 "
-                    "bits). Without --plan every module gets --codebook (the baseline); with "
-                    "--plan each gets the plan's codebook (CASP_QuIP#). The checkpoint stores "
-                    "16-bit codes per 8 weights, one sign bit per input and output and a scale; "
-                    "it runs from that packed form.",
-        plan_help="bit plan from casp allocate --quantizer quip (per-module codebooks)"),
+    QuantizerSpec("gptq", "GPTQ", QuantSetting, GPTQLinear, gptq_pass,
+                  example_setting=QuantSetting(2, 128, g_idx=True),
+                  search_options=("act_order", "static_groups"),
+                  export=gptq_export.export_gptq, export_flag="export_gptq"),
+    QuantizerSpec("aqlm", "AQLM", AQLMSetting, AQLMLinear, aqlm_pass,
+                  example_setting=AQLMSetting(2, 8), default_codebooks="2=2x8,3=2x12,4=4x8",
+                  budget_setting=_aqlm_budget, export=aqlm_export.export_aqlm,
+                  export_flag="export_aqlm"),
+    QuantizerSpec("quip", "QuIP#", QuIPSetting, QuIPLinear, quip_pass,
+                  example_setting=QUIP_SETTINGS["e8p12"], width_is_bits=True,
+                  default_codebooks="2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b",
+                  budget_setting=_quip_budget),
 )}
 
 QUANTIZER_LABELS = {name: spec.label for name, spec in QUANTIZERS.items()}

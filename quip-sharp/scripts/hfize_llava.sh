@@ -11,10 +11,6 @@ OUTPUT=${OUTPUT:-checkpoints/llava-1.5-7b-svd-hessians}
 DATASET=${DATASET:-redpajama}
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                    # more casp hessians flags, e.g. "--layers 0-3"
 HESSIANS_ONLY=1
 source "$(dirname "$0")/quip_stage.sh"

@@ -22,9 +22,5 @@ FINETUNE_STEPS=${FINETUNE_STEPS:-0}                 # block fine-tuning: off, as
 DATASET=${DATASET:-redpajama}
 NSAMPLES=${NSAMPLES:-128}
 SEQLEN=${SEQLEN:-2048}
-SEED=${SEED:-3}
-BATCH_SIZE=${BATCH_SIZE:-8}
-DEVICE=${DEVICE:-auto}
-DTYPE=${DTYPE:-auto}
 EXTRA=${EXTRA:-}                                    # more casp quip flags
 source "$(dirname "$0")/quip_stage.sh"

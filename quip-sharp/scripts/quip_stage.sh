@@ -6,6 +6,7 @@
 #   CODEBOOK (the baseline). Rerunning after an interruption resumes (finished layers of
 #   either step are kept).
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/casp_cmd.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/stage_defaults.sh"
 calib=(--dataset "$DATASET" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --seed "$SEED"
        --batch-size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE"
        ${mm_calib[@]+"${mm_calib[@]}"})

@@ -104,6 +104,7 @@ def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, setting: AQLMSetti
     return AQLMLinear.from_result(result, bias, linear.weight.dtype), result
 
 
+PASS = AQLMPass
 FLAGS = (
     ("--codebooks", dict(default="2x8",
                          help="setting of modules the plan does not name: M codebooks of 2^B "
@@ -150,3 +151,15 @@ def pass_from_flags(args, plan) -> AQLMPass:
                     kmeans_max_points=args.kmeans_max_points,
                     true_sequential=args.true_sequential, finetune_steps=args.finetune_steps,
                     finetune_lr=args.finetune_lr, seed=args.init_seed)
+
+
+# the command's texts (after casp.quant.registry.STAGE3_DESCRIPTION in ``casp aqlm --help``)
+HELP = "stage 3: AQLM quantization (uniform, or per module from a plan)"
+PLAN_HELP = "bit plan from casp allocate --quantizer aqlm (per-module codebooks)"
+DESCRIPTION = ("additive quantization (AQLM), layer by layer: residual k-means "
+               "initialisation, then rounds of Adam on codebooks and scales and a beam "
+               "search over the codes, until a round improves the layer output error by "
+               "less than --tolerance. Without --plan every module gets --codebooks (the "
+               "baseline); with --plan each gets the plan's setting (CASP_AQLM). The "
+               "checkpoint stores codes, codebooks and scales in the aqlm package's layout "
+               "and runs through its kernels.")

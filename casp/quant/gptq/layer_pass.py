@@ -88,6 +88,7 @@ def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, setting: QuantSett
     return GPTQLinear.from_result(result, setting.bits, bias, linear.weight.dtype), result
 
 
+PASS = GPTQPass
 FLAGS = (
     ("--bits", dict(type=width, default=2,
                     help="bits of modules the plan does not name, 2-8 (default: 2)")),
@@ -127,3 +128,11 @@ def pass_from_flags(args, plan) -> GPTQPass:
                     plan_id=plan.fingerprint() if plan else None, act_order=args.act_order,
                     static_groups=args.static_groups, damp=args.damp,
                     block_size=args.block_size, true_sequential=args.true_sequential)
+
+
+# the command's texts (after casp.quant.registry.STAGE3_DESCRIPTION in ``casp gptq --help``)
+HELP = "stage 3: GPTQ quantization (uniform, or per module from a plan)"
+PLAN_HELP = "bit plan from casp allocate (per-module bits)"
+DESCRIPTION = ("GPTQ, layer by layer, and write a checkpoint of packed low-bit "
+               "weights. Without --plan every module gets --bits/--group-size (the "
+               "baseline); with --plan each gets the plan's setting (CASP_GPTQ).")

@@ -113,6 +113,7 @@ def quantize_linear(linear: nn.Linear, hessian: torch.Tensor, setting: QuIPSetti
     return QuIPLinear.from_result(result, bias, linear.weight.dtype), result
 
 
+PASS = QuIPPass
 FLAGS = (
     ("--codebook", dict(default="e8p12",
                         help="codebook of modules the plan does not name: e8p12 (2 bits), "
@@ -142,3 +143,15 @@ def pass_from_flags(args, plan) -> QuIPPass:
     if quip.hessians is not None:        # the pass checked it exists; now whose they are
         check_hessian_dir(quip.hessians, model_identity(args.model), writing=False)
     return quip
+
+
+# the command's texts (after casp.quant.registry.STAGE3_DESCRIPTION in ``casp quip --help``)
+HELP = "stage 3: QuIP# quantization (uniform, or per module from a plan)"
+PLAN_HELP = "bit plan from casp allocate --quantizer quip (per-module codebooks)"
+DESCRIPTION = ("QuIP#: random-sign Hadamard incoherence on both sides of W and "
+               "H, then BlockLDLQ (blocks of 8 columns, LDL error feedback) onto an E8 "
+               "lattice codebook (E8P12: 2 bits; with a residual E8 codebook: 3 or 4 "
+               "bits). Without --plan every module gets --codebook (the baseline); with "
+               "--plan each gets the plan's codebook (CASP_QuIP#). The checkpoint stores "
+               "16-bit codes per 8 weights, one sign bit per input and output and a scale; "
+               "it runs from that packed form.")
