@@ -4,7 +4,7 @@ An incoherent weight is close to i.i.d. Gaussian; before rounding, QuIP# scales 
 ``scale`` and (for residual codebooks) multiplies the first stage's residual by
 ``resid_scale``. This script finds, on a grid, the values minimising the mean squared error
 of unit-variance Gaussian vectors after rounding, and writes them to
-bench/results/quip_scales.json (casp/quant/e8p.py's SETTINGS hold the result).
+bench/results/quip_scales.json (casp/quant/quip/setting.py's SETTINGS hold the result).
 
     python bench/quip_scales.py [--samples 200000]
 """
@@ -58,7 +58,7 @@ def main() -> None:
         err, s, r = search(setting, x, np.arange(s - 0.04, s + 0.041, 0.01), fine_r)
         rows.append({"codebook": name, "bits": setting.bits, "scale": round(s, 3),
                      "resid_scale": round(r, 3), "mse": err,
-                     # the constants in casp/quant/e8p.py when the search ran, and their error
+                     # the constants in casp/quant/quip/setting.py when the search ran, and their error
                      "mse_at_constants_before": mse(setting, x),
                      "constants_before": {"scale": setting.scale,
                                           "resid_scale": setting.resid_scale},

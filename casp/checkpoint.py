@@ -36,14 +36,13 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from casp.version import __version__
-from casp.errors import CaspError
 from casp.devices import resolve_device, resolve_dtype
+from casp.errors import CaspError
 from casp.hf_model import LoadedModel, load_preprocessors, read_casp_section
-from casp.models import architecture_of
-from casp.models import spec_for_architecture
+from casp.models import architecture_of, spec_for_architecture
 from casp.modules import replace_modules
 from casp.quant.registry import QUANTIZED_TENSOR_SUFFIXES, described_stored_bits
+from casp.version import __version__
 
 FORMAT_VERSION = 1
 log = logging.getLogger("casp")

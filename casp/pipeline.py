@@ -16,8 +16,8 @@ import torch
 
 from casp.checkpoint import build_section, check_output_dir, save_checkpoint
 from casp.data.calibration import CalibrationConfig, calibration_batches, token_count
-from casp.identity import fingerprint, stage_key
 from casp.hf_model import LoadedModel, read_casp_section
+from casp.identity import fingerprint, stage_key
 from casp.layerwise import LayerPass, capture_layer_inputs, run_layerwise
 
 log = logging.getLogger("casp")

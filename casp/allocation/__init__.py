@@ -8,13 +8,11 @@
     report.py       a plan as a table and a plot
 """
 from casp.allocation.budget import (SettingRules, average_bits, dense_parameters, parse_budget,
-                                    parse_codebook_map, uniform_average_bits,
-                                    uniform_setting_bits)
+                                    parse_codebook_map, uniform_average_bits, uniform_setting_bits)
 from casp.allocation.importance import IMPORTANCE_SCORES, ImportancePass
 from casp.allocation.plan import BitPlan, allocate
 from casp.allocation.report import format_plan_table, plot_plan
-from casp.allocation.solver import (LayerChoice, continuous_allocation, solve_choices,
-                                    solve_widths)
+from casp.allocation.solver import LayerChoice, continuous_allocation, solve_choices, solve_widths
 
 __all__ = ["BitPlan", "IMPORTANCE_SCORES", "ImportancePass", "LayerChoice", "SettingRules",
            "allocate", "average_bits", "continuous_allocation", "dense_parameters",

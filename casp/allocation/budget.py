@@ -20,6 +20,7 @@ from casp.quant.layer_groups import is_factor, quantizable_linears
 from casp.quant.registry import (QUANTIZER_LABELS, QUANTIZERS, described_stored_bits,
                                  quantizer_of_setting)
 
+
 def parse_codebook_map(text: str, quantizer: str = "aqlm") -> dict[int, object]:
     """'2=2x8,3=2x12' -> {2: AQLMSetting 2x8, 3: AQLMSetting 2x12}: the codebook setting
     each allocated width stands for, parsed by the quantizer's setting type (QuIP#:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from casp.allocation.budget import QUANTIZER_LABELS
 from casp.allocation.plan import BitPlan
+from casp.allocation.search import UNIT_NAMES
+
 
 def format_plan_table(plan: BitPlan) -> str:
     lines = ["| layer | importance | continuous bits | bits |", "|---|---|---|---|"]
@@ -27,6 +29,27 @@ def format_plan_table(plan: BitPlan) -> str:
     lines.append(f"budget {m['budget_bits']} bits; achieved {m['achieved_bits']:.4f} average bits "
                  f"over {m['dense_parameters']:,} original dense weights ({setting}, overheads "
                  f"included); low-rank factors: {factors}")
+    return "\n".join(lines)
+
+
+def format_measured_table(plan: BitPlan) -> str:
+    units = list(dict.fromkeys(u for r in plan.layers for u in r["units"]))
+    lines = ["| layer | " + " | ".join(UNIT_NAMES.get(u, u) for u in units) +
+             " | KL of the choice | KL all at the lowest width |",
+             "|---" * (len(units) + 3) + "|"]
+    lowest = f"dense@{min(plan.meta['allowed_bits'])}"
+    for row in plan.layers:
+        cells = [row["units"].get(u, "-").replace("dense@", "").replace("lowrank", "low-rank ")
+                 .replace("@", ", factors ") for u in units]
+        base = sum(r.get(lowest, 0.0) for r in row["measured"].values())
+        lines.append(f"| {row['layer']} | " + " | ".join(cells) +
+                     f" | {row['kl']:.4g} | {base:.4g} |")
+    m = plan.meta
+    n_lr = sum(r["lowrank"] is not None for r in plan.layers)
+    lines += ["", f"budget {m['budget_bits']} bits; achieved {m['achieved_bits']:.4f} average "
+              f"bits over {m['dense_parameters']:,} original dense weights; {n_lr} of "
+              f"{len(plan.layers)} layers take low-rank W_q/W_k; summed KL "
+              f"{sum(r['kl'] for r in plan.layers):.4g} (measured one part at a time)"]
     return "\n".join(lines)
 
 

@@ -373,24 +373,3 @@ def plan_ranks(plan: BitPlan) -> dict[str, int] | None:
     """The low-rank ranks a measured plan chose ({} or None: it chose no low-rank step)."""
     lowrank = plan.meta.get("lowrank")
     return dict(lowrank["ranks"]) if lowrank else None
-
-
-def format_measured_table(plan: BitPlan) -> str:
-    units = list(dict.fromkeys(u for r in plan.layers for u in r["units"]))
-    lines = ["| layer | " + " | ".join(UNIT_NAMES.get(u, u) for u in units) +
-             " | KL of the choice | KL all at the lowest width |",
-             "|---" * (len(units) + 3) + "|"]
-    lowest = f"dense@{min(plan.meta['allowed_bits'])}"
-    for row in plan.layers:
-        cells = [row["units"].get(u, "-").replace("dense@", "").replace("lowrank", "low-rank ")
-                 .replace("@", ", factors ") for u in units]
-        base = sum(r.get(lowest, 0.0) for r in row["measured"].values())
-        lines.append(f"| {row['layer']} | " + " | ".join(cells) +
-                     f" | {row['kl']:.4g} | {base:.4g} |")
-    m = plan.meta
-    n_lr = sum(r["lowrank"] is not None for r in plan.layers)
-    lines += ["", f"budget {m['budget_bits']} bits; achieved {m['achieved_bits']:.4f} average "
-              f"bits over {m['dense_parameters']:,} original dense weights; {n_lr} of "
-              f"{len(plan.layers)} layers take low-rank W_q/W_k; summed KL "
-              f"{sum(r['kl'] for r in plan.layers):.4g} (measured one part at a time)"]
-    return "\n".join(lines)

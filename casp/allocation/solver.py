@@ -17,6 +17,7 @@ import numpy as np
 
 from casp.errors import CaspError
 
+
 @dataclass
 class LayerChoice:
     """One layer as the solver sees it."""

@@ -14,9 +14,8 @@ def cmd_allocate(args) -> int:
                                         uniform_average_bits, uniform_setting_bits)
     from casp.allocation.importance import ImportancePass
     from casp.allocation.plan import allocate
-    from casp.allocation.report import format_plan_table, plot_plan
-    from casp.allocation.search import (SensitivityPass, check_feasible, format_measured_table,
-                                        measured_plan, plan_ranks)
+    from casp.allocation.report import format_measured_table, format_plan_table, plot_plan
+    from casp.allocation.search import SensitivityPass, check_feasible, measured_plan, plan_ranks
     from casp.devices import resolve_device
     from casp.identity import model_identity
     from casp.loading import load_pretrained

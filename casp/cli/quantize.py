@@ -72,9 +72,9 @@ def report_quantized(method: str, loaded, result, output) -> None:
 
 
 def cmd_hessians(args) -> int:
+    from casp.identity import model_identity
     from casp.loading import load_pretrained, resolve_device
     from casp.pipeline import run_stage
-    from casp.identity import model_identity
     from casp.quant.quip.hessians import HessianPass, check_hessian_dir
 
     out = Path(args.output)

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import torch
 
-from casp.errors import CaspError
 from casp.data.multimodal import load_llava_instruct, sample_inputs
 from casp.data.text import load_documents, random_windows, tokenize_documents
 from casp.data.video import DEFAULT_NUM_FRAMES
+from casp.errors import CaspError
 
 
 @dataclass

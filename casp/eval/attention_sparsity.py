@@ -540,9 +540,9 @@ class SparsityConfig:
 
 def analyse(cfg: SparsityConfig, progress: bool = True) -> dict:
     """Run the whole analysis of ``cfg`` and return the report (what the JSON holds)."""
-    from casp.version import __version__
     from casp.data.calibration import CalibrationConfig, calibration_batches
     from casp.loading import load_pretrained, resolve_device
+    from casp.version import __version__
 
     cfg.check()
     device = resolve_device(cfg.device)

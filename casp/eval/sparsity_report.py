@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-
 KIND_STYLE = {"text": ("text", "tab:blue", "o"), "image_text": ("image+text", "tab:orange", "s")}
 
 

@@ -27,7 +27,6 @@ from casp.quant.quip.linear import QuIPLinear
 from casp.quant.quip.setting import SETTINGS as QUIP_SETTINGS
 from casp.quant.quip.setting import QuIPSetting
 
-
 STAGE3_DESCRIPTION = ("Quantize every linear of the language model's decoder layers "
                       "(low-rank factors included) with ")
 

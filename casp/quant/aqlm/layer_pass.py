@@ -13,8 +13,8 @@ from torch import nn
 from casp.errors import CaspError
 from casp.layerwise import LayerContext, LayerPass
 from casp.options import positive
-from casp.quant.aqlm.quantize import AQLMResult, AQLMSetting, aqlm_quantize
 from casp.quant.aqlm.linear import AQLMLinear
+from casp.quant.aqlm.quantize import AQLMResult, AQLMSetting, aqlm_quantize
 from casp.quant.finetune import finetune_flags, finetune_layer
 from casp.quant.layer_groups import PlannedPass, checked_groups, quantize_in_order
 

@@ -26,7 +26,6 @@ from casp.quant.aqlm.quantize import AQLMResult, dequantize, from_storage_codes,
 from casp.quant.aqlm.setting import AQLMSetting, described_bits
 from casp.quant.stored import StoredLinear
 
-
 log = logging.getLogger("casp")
 _warned_no_kernel = False
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from casp.errors import CaspError
 
-
 MAX_CODEBOOK_BITS = 16          # the aqlm kernels index codes as int8 / int16
 MAX_CODEBOOKS = 8
 SETTING_PATTERN = re.compile(r"^(\d+)x(\d+)(?:g(\d+))?$")

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from casp.errors import CaspError
-from casp.options import group, positive, width
 from casp.layerwise import LayerContext, LayerPass
-from casp.quant.layer_groups import layer_quantization_groups, quantize_in_order
+from casp.options import group, positive, width
+from casp.quant.gptq.linear import GPTQLinear
 from casp.quant.gptq.quantize import GPTQResult, check_bits, gptq_quantize, weighted_error
 from casp.quant.gptq.setting import QuantSetting
-from casp.quant.gptq.linear import GPTQLinear
+from casp.quant.layer_groups import layer_quantization_groups, quantize_in_order
 
 log = logging.getLogger("casp")
 

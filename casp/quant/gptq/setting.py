@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from casp.quant.gptq.quantize import effective_group_size, stored_bits
 
+
 @dataclass
 class QuantSetting:
     """How a module is stored: bits, group size (-1: per channel), group indices or not."""

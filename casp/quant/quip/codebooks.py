@@ -29,7 +29,6 @@ from functools import lru_cache
 
 import torch
 
-
 DIM = 8
 
 # QuIP#'s 29 patterns of norm 12 (five 3/2 and three 1/2), in units of 1/2

@@ -21,9 +21,9 @@ from casp.layerwise import LayerContext, LayerPass
 from casp.quant.finetune import finetune_flags, finetune_layer
 from casp.quant.layer_groups import PlannedPass, checked_groups, quantize_in_order
 from casp.quant.quip.hessians import check_hessian_dir, load_hessian
-from casp.quant.quip.setting import QuIPSetting
-from casp.quant.quip.quantize import QuIPResult, quip_quantize
 from casp.quant.quip.linear import QuIPLinear
+from casp.quant.quip.quantize import QuIPResult, quip_quantize
+from casp.quant.quip.setting import QuIPSetting
 
 log = logging.getLogger("casp")
 class QuIPPass(PlannedPass, LayerPass):

@@ -20,9 +20,9 @@ from torch import nn
 from casp.errors import CaspError
 from casp.modules import register_module_type
 from casp.quant.quip.codebooks import DIM
-from casp.quant.quip.setting import QuIPSetting
 from casp.quant.quip.hadamard import decompose, pack_signs, transform, unpack_signs
 from casp.quant.quip.quantize import QuIPResult, unrotate_weight
+from casp.quant.quip.setting import QuIPSetting
 from casp.quant.stored import StoredLinear
 
 

@@ -27,8 +27,8 @@ import torch
 
 from casp.errors import CaspError
 from casp.quant.quip.codebooks import DIM
-from casp.quant.quip.setting import QuIPSetting
 from casp.quant.quip.hadamard import random_signs, transform
+from casp.quant.quip.setting import QuIPSetting
 
 LAZY_BLOCK = 128
 
