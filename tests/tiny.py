@@ -44,7 +44,8 @@ def vision_config() -> transformers.CLIPVisionConfig:
 _SHARED_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "vocab_size",
                      "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-ARCHITECTURES = ("llama", "mistral", "qwen2", "llava", "llava_next", "llava_next_video")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "llava", "llava_next", "llava_next_video",
+                 "llava_onevision")
 
 
 def build_model(kind: str, seed: int = 0, layers: int = 3, context: int = 256):
@@ -72,6 +73,18 @@ def build_model(kind: str, seed: int = 0, layers: int = 3, context: int = 256):
         model = transformers.LlavaNextVideoForConditionalGeneration(
             transformers.LlavaNextVideoConfig(**common, image_grid_pinpoints=pinpoints,
                                               video_token_index=video_id))
+    elif kind == "llava_onevision":   # a Qwen2 language model and a SigLIP vision tower
+        qwen2 = transformers.Qwen2Config(
+            **{k: v for k, v in tc.to_dict().items() if k in _SHARED_TEXT_KEYS})
+        siglip = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=2,
+                                                 image_size=28, patch_size=14)
+        model = transformers.LlavaOnevisionForConditionalGeneration(
+            transformers.LlavaOnevisionConfig(
+                text_config=qwen2.to_dict(), vision_config=siglip.to_dict(),
+                image_token_index=image_id, video_token_index=video_id,
+                vision_feature_select_strategy="full", vision_feature_layer=-1,
+                image_grid_pinpoints=pinpoints))
     else:
         raise ValueError(kind)
     model.config.architectures = [type(model).__name__]

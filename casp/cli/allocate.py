@@ -128,6 +128,7 @@ def _measuring_quantizer(args, spec):
 
 def add_parser(sub) -> None:
     """Register ``casp allocate``."""
+    from casp.allocation.importance import IMPORTANCE_SCORES
     from casp.quant.registry import QUANTIZERS
 
     p = sub.add_parser("allocate", help="stage 2: the optimal per-layer bit allocation (a plan)",
@@ -159,7 +160,7 @@ def add_parser(sub) -> None:
                         "layer's width (default: 3, as the paper's code)")
     p.add_argument("--factor-group-size", type=group, default=-1,
                    help="group size of the low-rank factors (default: -1, per channel)")
-    p.add_argument("--importance", choices=["block_influence", "relative_change"],
+    p.add_argument("--importance", choices=list(IMPORTANCE_SCORES),
                    default="block_influence",
                    help="layer importance: block_influence = 1 - mean cos(input, output) of "
                         "the layer (default); relative_change = mean |output - input| / |input|")

@@ -4,9 +4,9 @@ from __future__ import annotations
 from casp.errors import CaspError
 from casp.models.base import LLAMA_LINEAR_GROUPS, ModelSpec
 from casp.models.llama import LLAMA
-from casp.models.llava import LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO
+from casp.models.llava import LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO, LLAVA_ONEVISION
 
-SPECS: tuple[ModelSpec, ...] = (LLAMA, LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO)
+SPECS: tuple[ModelSpec, ...] = (LLAMA, LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO, LLAVA_ONEVISION)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for s in SPECS for a in s.architectures)
 
 
@@ -20,23 +20,20 @@ def spec_for_architecture(architecture: str) -> ModelSpec:
     )
 
 
-# model_type -> class, for configs that do not name their architecture (GGUF files).
-_CLASS_FOR_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-}
+# model_type -> class, for configs that do not name their architecture (GGUF files)
+CLASS_FOR_MODEL_TYPE: dict[str, str] = {
+    model_type: arch for spec in SPECS for arch, model_type in zip(spec.architectures,
+                                                                   spec.model_types)}
+
 
 def architecture_of(config) -> str:
+    """The class name a config is for: its ``architectures``, or its ``model_type``'s."""
     archs = getattr(config, "architectures", None) or []
     if archs:
         return archs[0]
     model_type = getattr(config, "model_type", "")
-    if model_type in _CLASS_FOR_MODEL_TYPE:
-        return _CLASS_FOR_MODEL_TYPE[model_type]
+    if model_type in CLASS_FOR_MODEL_TYPE:
+        return CLASS_FOR_MODEL_TYPE[model_type]
     return model_type or "unknown"
 
 

@@ -21,6 +21,8 @@ class ModelSpec:
 
     Attributes:
         architectures: the ``config.architectures`` class names this spec describes.
+        model_types: the ``config.model_type`` of each of ``architectures`` (same order): how
+            a config that names no architecture (a GGUF file's) finds its class.
         layers: dotted path of the language model's decoder layer list.
         text_config: attribute of the config that holds the language model's config
             ("" when the config itself is the text config).
@@ -36,6 +38,7 @@ class ModelSpec:
 
     name: str
     architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
     layers: str
     text_config: str
     frozen: tuple[str, ...]
