@@ -75,3 +75,13 @@ def group(text: str) -> int:
         raise CaspError(f"group size {value} is invalid; use a positive size such as 128, or -1 "
                         "for one group per output channel")
     return value
+
+
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CaspError(f"{text!r} is not a whole number")
+    if value < 0:
+        raise CaspError(f"{value} must be 0 or more")
+    return value

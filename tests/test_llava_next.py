@@ -3,7 +3,6 @@ pipeline on tiny random models: low-rank -> allocate -> GPTQ with the plan, and 
 with a plan, every stage calibrated through the vision tower with LLaVA-Instruct samples;
 the reloaded checkpoints compute what their dequantized weights compute. Frame sampling,
 and the LLaVA-NeXT(-Video) stage scripts."""
-import copy
 import importlib.util
 import json
 import os
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 from transformers.image_processing_utils import select_best_resolution
 
 import casp
@@ -28,7 +26,7 @@ from casp.data.multimodal import load_llava_instruct
 from casp.data.video import FramesVideoProcessor, uniform_frames
 from casp.errors import CaspError
 from casp.quant.stored import StoredLinear
-from tiny import PINPOINTS, VIDEO_PROCESSOR, save_tiny
+from tiny import PINPOINTS, VIDEO_PROCESSOR, dense_copy, save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP_MEAN, CLIP_STD = VIDEO_PROCESSOR["image_mean"][0], VIDEO_PROCESSOR["image_std"][0]
@@ -186,23 +184,6 @@ def test_video_samples_reach_the_vision_tower_as_8_frames(video_run):
     assert levels == EXPECTED_FRAMES
 
 
-def _dense_copy(model):
-    """The model with every quantized linear replaced by an nn.Linear of its dequantized
-    weight."""
-    dense = copy.deepcopy(model)
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, StoredLinear):
-            weight = module.dequantized_weight()
-            linear = nn.Linear(weight.shape[1], weight.shape[0],
-                               bias=getattr(module, "bias", None) is not None)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if linear.bias is not None:
-                    linear.bias.copy_(module.bias.float())
-            dense.set_submodule(name, linear)
-    return dense
-
-
 @pytest.mark.parametrize("which", ["next_run", "video_run"])
 def test_quantized_checkpoints_reload_and_match_their_dense_weights(which, request):
     result = request.getfixturevalue(which)
@@ -217,7 +198,7 @@ def test_quantized_checkpoints_reload_and_match_their_dense_weights(which, reque
         assert all(".language_model." in n for n in quantized)       # never the vision side
         model = casp.load_model(path)
         assert sum(isinstance(m, StoredLinear) for m in model.modules()) == len(quantized)
-        dense = _dense_copy(model)
+        dense = dense_copy(model)
         assert not any(isinstance(m, StoredLinear) for m in dense.modules())
         for batch in batches:
             with torch.no_grad():

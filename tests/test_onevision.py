@@ -2,11 +2,8 @@
 a tiny random model, from the command line: low-rank W_q/W_k, a plan for each quantizer,
 GPTQ, AQLM and QuIP# with their plans; every checkpoint reloads, runs from its packed form
 with the logits of its dequantized weights, and leaves the vision side untouched."""
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 import casp
 from casp.checkpoint import read_casp_section
@@ -14,7 +11,7 @@ from casp.cli import main
 from casp.loading import load_pretrained
 from casp.models import architecture_of, spec_for_architecture
 from casp.quant.stored import StoredLinear
-from tiny import save_tiny
+from tiny import dense_copy, save_tiny
 
 PLANS = {   # quantizer -> (allocate flags, quantizer flags), small and fast
     "gptq": (["--budget", "2@32", "--bits", "2,3", "--group-size", "32"], ["--group-size", "32"]),
@@ -44,21 +41,6 @@ def onevision(tmp_path_factory, calib_txt):
         assert run(quantizer, "--model", root / "lowrank", "--plan", plan, "--output",
                    root / quantizer, *flags, *calib) == 0, quantizer
     return root
-
-
-def _dense_copy(model):
-    dense = copy.deepcopy(model)
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, StoredLinear):
-            weight = module.dequantized_weight()
-            linear = nn.Linear(weight.shape[1], weight.shape[0],
-                               bias=getattr(module, "bias", None) is not None)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if linear.bias is not None:
-                    linear.bias.copy_(module.bias.float())
-            dense.set_submodule(name, linear)
-    return dense
 
 
 def test_spec_and_model_type():
@@ -102,7 +84,7 @@ def test_quantized_checkpoints_reload_and_run_from_the_packed_form(onevision, qu
     with torch.no_grad():
         packed = model(input_ids=ids).logits
         again = casp.load_model(path)(input_ids=ids).logits
-        expected = _dense_copy(model)(input_ids=ids).logits
+        expected = dense_copy(model)(input_ids=ids).logits
         before = casp.load_model(onevision / "lowrank")(input_ids=ids).logits
     assert torch.equal(packed, again)
     assert torch.allclose(packed, expected, atol=1e-4)

@@ -2,12 +2,14 @@
 with a word-level tokenizer and (for LLaVA) a real processor, saved as HF directories."""
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 WORDS = ("the a of and to in is was for on with as by at from that it this be are an "
@@ -187,3 +189,22 @@ def check_resume(run, pass_cls, argv: list, output_index: int, tmp_path, monkeyp
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def dense_copy(model):
+    """The model with every quantized linear replaced by an nn.Linear of its dequantized
+    weight."""
+    from casp.quant.stored import StoredLinear
+
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, StoredLinear):
+            weight = module.dequantized_weight()
+            linear = nn.Linear(weight.shape[1], weight.shape[0],
+                               bias=getattr(module, "bias", None) is not None)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if linear.bias is not None:
+                    linear.bias.copy_(module.bias.float())
+            dense.set_submodule(name, linear)
+    return dense

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from casp.cli.args import positive
+from casp.options import non_negative, positive
 from casp.errors import CaspError
 
 log = logging.getLogger("casp")
@@ -58,16 +58,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise CaspError(f"{text!r} is not a whole number")
-    if value < 0:
-        raise CaspError(f"{value} must be 0 or more")
-    return value
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("mini-llava", help="the mini LLaVA: DINOv2 ViT-S/14 + a trained "
                                           "projector + SmolLM2-135M-Instruct",
@@ -106,13 +96,13 @@ def add_parser(sub) -> None:
                    help="questions per conversation (default: 4)")
     t.add_argument("--lr", type=float, default=1e-3,
                    help="peak AdamW learning rate, cosine decay (default: 1e-3, LLaVA's stage 1)")
-    t.add_argument("--warmup", type=_non_negative, default=30,
+    t.add_argument("--warmup", type=non_negative, default=30,
                    help="linear warm-up steps (default: 30)")
     t.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bfloat16 autocast of the forward pass (default: on; about 4x faster "
                         "on CPUs with AVX512-BF16; the projector's weights stay fp32)")
-    t.add_argument("--eval-samples", type=_non_negative, default=500,
+    t.add_argument("--eval-samples", type=non_negative, default=500,
                    help="test questions to measure accuracy on afterwards (default: 500; 0: none)")
     t.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     t.set_defaults(func=cmd_train)
