@@ -15,7 +15,7 @@ from casp.errors import CaspError
 from casp.gguf import forget_gguf_quantization, keep_converted
 from casp.hf_model import LoadedModel, load_preprocessors
 from casp.mini_llava.build import mini_llava_dir
-from casp.models import architecture_of, spec_for_architecture
+from casp.models import ModelSpec, architecture_of, spec_for_architecture
 
 log = logging.getLogger("casp")
 
@@ -56,6 +56,21 @@ def _is_casp_checkpoint(location: str) -> bool:
         return False
 
 
+def _read_config(source: str, location: str, kwargs: dict):
+    try:
+        return transformers.AutoConfig.from_pretrained(location, **kwargs)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CaspError(f"could not read the model config of {source}: {first}")
+
+
+def read_spec(source: str) -> ModelSpec:
+    """The architecture spec of ``source`` from its config alone, without loading weights:
+    to refuse a request the model cannot serve (an image for a text model) before the load."""
+    location, kwargs = locate(source)
+    return spec_for_architecture(architecture_of(_read_config(source, location, kwargs)))
+
+
 def load_pretrained(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load ``source`` on the CPU, ready for a layer-wise stage or for evaluation.
 
@@ -68,12 +83,7 @@ def load_pretrained(source: str, dtype: str = "auto", device: str = "auto") -> L
         loaded.source = source
         return loaded
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
-    try:
-        config = transformers.AutoConfig.from_pretrained(location, **kwargs)
-    except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CaspError(f"could not read the model config of {source}: {first}")
-    arch = architecture_of(config)
+    arch = architecture_of(_read_config(source, location, kwargs))
     spec = spec_for_architecture(arch)
     cls = getattr(transformers, arch)
     try:

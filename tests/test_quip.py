@@ -70,7 +70,7 @@ def test_large_model_dimensions_are_orthogonal(n):
     assert torch.allclose(hd.transform(y, transpose=True), x, atol=1e-10)
     # linear and matching the explicit matrix on a few basis vectors
     d = hd.decompose(n)
-    base = hd._base_matrix(n)
+    base = hd.base_matrix(n)
     pw = 1 << d.log2_pow
     walsh = torch.from_numpy(scipy.linalg.hadamard(pw)).double() / math.sqrt(pw)
     for i in (0, 1, n - 1, n // 3):

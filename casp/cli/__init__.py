@@ -6,6 +6,7 @@ One file per group of commands, each with an ``add_parser(sub)`` that registers 
     allocate.py   casp allocate                   stage 2
     quantize.py   casp gptq | aqlm | quip         stage 3 (from casp.quant.registry), hessians
     evaluate.py   casp ppl | info | fetch
+    generate.py   casp generate                   a reply to a prompt (and an image), timed
     demo.py       casp demo
     sparsity.py, vqa.py, lmms.py, mini_llava.py   analysis, easy-vqa, lmms-eval, the mini LLaVA
     args.py       the flags several commands share
@@ -16,7 +17,8 @@ import argparse
 import logging
 import sys
 
-from casp.cli import allocate, demo, evaluate, lmms, lowrank, mini_llava, quantize, sparsity, vqa
+from casp.cli import (allocate, demo, evaluate, generate, lmms, lowrank, mini_llava, quantize,
+                      sparsity, vqa)
 from casp.errors import CaspError
 from casp.version import __version__
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_parser(sub)
     quantize.add_parser(sub)
     evaluate.add_ppl_parser(sub)
+    generate.add_parser(sub)
     demo.add_parser(sub)
     evaluate.add_info_parsers(sub)
     sparsity.add_parser(sub)

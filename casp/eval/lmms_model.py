@@ -25,34 +25,13 @@ from lmms_eval.api.registry import register_model
 from tqdm import tqdm
 
 from casp.errors import CaspError
+from casp.generation import chat_prompt
 from casp.loading import load_pretrained, resolve_device
 
 log = logging.getLogger("casp")
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def chat_prompt(processor, tokenizer, text: str, images: int = 0, videos: int = 0) -> str:
-    """One user turn (``images`` image placeholders, ``videos`` video placeholders, then
-    ``text``) and the opening of the assistant's turn, in the model's chat template. For one
-    image this is exactly ``casp.eval.vqa.user_prompt``'s prompt."""
-    owner = next((p for p in (processor, getattr(processor, "images", None))
-                  if p is not None and getattr(p, "chat_template", None)), None)
-    if owner is not None:
-        content = ([{"type": "video"}] * videos + [{"type": "image"}] * images
-                   + [{"type": "text", "text": text}])
-        return owner.apply_chat_template([{"role": "user", "content": content}],
-                                         add_generation_prompt=True)
-    if processor is not None:       # a multimodal model without a template: LLaVA-1.5's form
-        image_token = getattr(processor, "image_token", "<image>")
-        video_token = getattr(processor, "video_token", "<video>")
-        marks = "".join([f"{video_token}\n"] * videos + [f"{image_token}\n"] * images)
-        return f"USER: {marks}{text} ASSISTANT:"
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-    return text                     # a base LLM: the task's text as it is
 
 
 def _flatten(visuals) -> list:

@@ -1,10 +1,26 @@
 """What casp's quantized linears share: a weight decoded from what is stored, an optional
-cache of it, fp16 storage that dtype moves leave alone, and the stored bits."""
+cache of it, fp16 storage that dtype moves leave alone, the stored bits, and the choice of
+how a forward runs:
+
+- on the CPU, the format's kernels straight from the stored codes (casp.kernels), with the
+  layout they read built once and rebuilt when a stored tensor changes;
+- with autograd (fine-tuning: trainable copies, or an input that needs a gradient), on
+  other devices, and for shapes a kernel does not take, ``device_forward`` (the whole
+  weight decoded, or the aqlm package's CUDA kernels);
+- after ``cache_weight()``, one matmul with the kept dequantized weight.
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from casp.kernels.packed_matmul import kernels_enabled
+
+log = logging.getLogger("casp")
+_said_no_kernel: set[str] = set()
 
 
 class StoredLinear(nn.Module):
@@ -18,6 +34,46 @@ class StoredLinear(nn.Module):
     def __init__(self):
         super().__init__()
         self._cached: torch.Tensor | None = None
+        self._train: list[nn.Parameter] | None = None
+        self._layout: tuple | None = None
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self._train is not None
+        if self._cached is not None and not training:
+            return self.dense_forward(x, self._cached)
+        autograd = torch.is_grad_enabled() and (training or x.requires_grad)
+        if x.device.type == "cpu" and not autograd and kernels_enabled():
+            layout = self.kernel_layout()
+            if layout is not None:
+                return self.cpu_forward(x, layout)
+        return self.device_forward(x)
+
+    def device_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward without the CPU kernels (default: the whole weight decoded)."""
+        return self.dense_forward(x, self.dequantized_weight())
+
+    def cpu_layout(self):
+        """What this format's CPU kernels read, built from the stored tensors; None when
+        this module's shape has no kernel (it then runs ``device_forward``)."""
+        return None
+
+    def cpu_forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel_layout(self):
+        """``cpu_layout()``, kept until a stored tensor is replaced or changed in place."""
+        key = tuple((name, t.data_ptr(), t._version) for name in self.stored_tensors
+                    if isinstance(t := getattr(self, name, None), torch.Tensor))
+        if self._layout is None or self._layout[0] != key:
+            layout = self.cpu_layout()
+            if layout is None and self.type_name not in _said_no_kernel:
+                _said_no_kernel.add(self.type_name)
+                log.info("a %s module of shape %s has no CPU kernel; it runs as a dequantized "
+                         "matmul", self.type_name, (self.out_features, self.in_features))
+            self._layout = (key, layout)
+        return self._layout[1]
 
     def decode_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -48,6 +104,7 @@ class StoredLinear(nn.Module):
         for name, tensor in stored.items():
             setattr(self, name, tensor.to(getattr(self, name).device))
         self._cached = None
+        self._layout = None
         return self
 
     def trained_as_stored(self) -> None:

@@ -1,4 +1,4 @@
-"""The AQLM-quantized linear as stored by casp, run by the ``aqlm`` package's kernels.
+"""The AQLM-quantized linear as stored by casp.
 
 Storage (buffers, saved in the checkpoint) is exactly the layout of ``aqlm.QuantizedLinear``
 (out_group_size 1):
@@ -6,9 +6,10 @@ Storage (buffers, saved in the checkpoint) is exactly the layout of ``aqlm.Quant
     codebooks  float16 [num_codebooks, 2^nbits, 1, in_group_size]
     scales     float16 [out, 1, 1, 1]
     bias       (if the original had one)
-The forward pass hands these tensors to an ``aqlm.QuantizedLinear`` (its CPU numba kernel
-for 8-bit codebooks, its CUDA/Triton kernels on GPU, its dequantizing matmul otherwise),
-in float32 on the CPU (the numba kernel's requirement) and in the input's dtype on GPU.
+On the CPU the forward runs casp's own kernels (casp.kernels.aqlm_cpu: multi-threaded and
+exact, where the aqlm package's numba kernel races with more than one thread). On GPU it
+hands these tensors to an ``aqlm.QuantizedLinear`` (its CUDA/Triton kernels, in the
+input's dtype), or runs the dequantized weight when those kernels cannot be built.
 ``cache_weight()`` instead keeps the dequantized weight for repeated forwards (the
 quantization passes use it for the rest of a layer).
 """
@@ -16,11 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from casp.errors import CaspError
+from casp.kernels.aqlm_cpu import (TABLE_MAX_CODES, aqlm_dequantize_rows, aqlm_direct_matmul,
+                                   aqlm_table_matmul, codeword_products)
+from casp.kernels.packed_matmul import run_linear
 from casp.modules import register_module_type
 from casp.quant.aqlm.quantize import AQLMResult, dequantize, from_storage_codes, to_storage_codes
 from casp.quant.aqlm.setting import AQLMSetting, described_bits
@@ -58,6 +64,18 @@ def _aqlm_quantized_linear():
     return QuantizedLinear
 
 
+@dataclass
+class AQLMKernelLayout:
+    """What casp.kernels.aqlm_cpu reads: the codes as unsigned integers, the codebooks
+    float32 [M, K, d] and transposed [M, d, K], the scales float32 [out], and whether the
+    table kernel runs (codebooks of up to 256 entries)."""
+    codes: np.ndarray
+    codebooks: np.ndarray
+    books_t: np.ndarray
+    scales: np.ndarray
+    use_table: bool
+
+
 @register_module_type
 class AQLMLinear(StoredLinear):
     type_name = "aqlm"
@@ -87,7 +105,6 @@ class AQLMLinear(StoredLinear):
         else:
             self.register_parameter("bias", None)
         self._runner: nn.Module | None = None
-        self._train: list[nn.Parameter] | None = None
 
     @classmethod
     def from_result(cls, result: AQLMResult, bias: torch.Tensor | None,
@@ -152,28 +169,51 @@ class AQLMLinear(StoredLinear):
             self._cached = None
             self.cache_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_train", None) is not None:
+    def cpu_layout(self) -> AQLMKernelLayout:
+        unsigned = torch.uint8 if self.nbits_per_codebook <= 8 else torch.uint16
+        mask = (1 << self.nbits_per_codebook) - 1
+        codes = self.codes.view(unsigned).numpy()
+        if self.nbits_per_codebook not in (8, 16):
+            codes = np.ascontiguousarray(codes & mask)
+        books = self.codebooks.float().squeeze(2).numpy().copy()          # [M, K, d]
+        books_t = np.ascontiguousarray(books.transpose(0, 2, 1))
+        return AQLMKernelLayout(codes, books, books_t, self.scales.float().reshape(-1).numpy()
+                                .copy(), books.shape[1] <= TABLE_MAX_CODES)
+
+    def cpu_forward(self, x: torch.Tensor, layout: AQLMKernelLayout) -> torch.Tensor:
+        def fused(xs, ys):
+            if layout.use_table:
+                n_books, d, n_codes = layout.books_t.shape
+                table = np.empty((xs.shape[0], self.in_features // d, n_books, n_codes),
+                                 dtype=np.float32)
+                codeword_products(xs, layout.books_t, table)
+                aqlm_table_matmul(table, layout.codes, layout.scales, ys)
+            else:
+                aqlm_direct_matmul(xs, layout.codes, layout.codebooks, layout.scales, ys)
+
+        def tile(first, out):
+            aqlm_dequantize_rows(layout.codes, layout.codebooks, layout.scales, first, out)
+
+        return run_linear(x, self.out_features, fused, tile, self.bias)
+
+    def device_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._train is not None:
             books, scales = self._train
             return self.dense_forward(x, dequantize(self.code_indices(), books, scales))
-        if self._cached is not None:
-            return self.dense_forward(x, self._cached)
-        run_dtype = torch.float32 if x.device.type == "cpu" else x.dtype
-        runner = self.kernel_module(x.device, run_dtype)
-        with serial_numba(x.device.type == "cpu" and self.nbits_per_codebook == 8):
-            if x.device.type == "cpu":
-                return runner(x.to(run_dtype).contiguous()).to(x.dtype)
-            try:
-                return runner(x.contiguous())
-            except (ImportError, RuntimeError) as exc:
-                # the CUDA / Triton kernels are built on first use; without a toolchain
-                # (or aqlm[gpu]) run the dequantized weight instead, and say so once
-                if not _warned_no_kernel:
-                    log.warning("aqlm GPU kernels unavailable (%s); AQLM modules run as a "
-                                "dequantized matmul", str(exc).splitlines()[0][:200])
-                    globals()["_warned_no_kernel"] = True
-                self.cache_weight()
-                return self.forward(x)
+        if x.device.type == "cpu":
+            return self.dense_forward(x, self.dequantized_weight())
+        runner = self.kernel_module(x.device, x.dtype)
+        try:
+            return runner(x.contiguous())
+        except (ImportError, RuntimeError) as exc:
+            # the CUDA / Triton kernels are built on first use; without a toolchain
+            # (or aqlm[gpu]) run the dequantized weight instead, and say so once
+            if not _warned_no_kernel:
+                log.warning("aqlm GPU kernels unavailable (%s); AQLM modules run as a "
+                            "dequantized matmul", str(exc).splitlines()[0][:200])
+                globals()["_warned_no_kernel"] = True
+            self.cache_weight()
+            return self.forward(x)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

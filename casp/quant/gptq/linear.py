@@ -6,21 +6,44 @@ Storage (buffers, all saved in the checkpoint):
     zeros    float16 [out, groups]                integer zero points
     g_idx    int16 [in]                           only for dynamic act-order groups
     bias     (if the original had one)
-The forward pass unpacks and dequantizes the weight, then runs one matmul in the input's
-dtype. ``cache_weight()`` keeps the dequantized weight for repeated evaluation.
+On the CPU the forward runs casp.kernels.gptq_cpu from the packed codes (the input's
+columns sorted by group when there are act-order group indices: the kernels read a copy of
+the codes in that order, the same size as the stored ones). Elsewhere, and for inputs or
+groups whose length is not a multiple of 8, it dequantizes the weight and runs one matmul
+in the input's dtype (no GPTQ kernel for CUDA has been tested here). ``cache_weight()``
+keeps the dequantized weight for repeated evaluation.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from casp.kernels.packed_matmul import run_linear
 from casp.modules import register_module_type
 from casp.quant.gptq.quantize import (GPTQResult, check_bits, dequantize, described_bits,
                                       effective_group_size)
 from casp.quant.packing import pack_bits, packed_size, unpack_bits
 from casp.quant.stored import StoredLinear
+
+
+@dataclass
+class GPTQKernelLayout:
+    """What casp.kernels.gptq_cpu reads: the codes as bit planes in blocks of 16 rows with
+    columns in kernel order (``plane_layout``), the column ranges of the groups, float32
+    scales and zeros (zero rows up to the blocks' end), and the input permutation into
+    that order (None: the natural order)."""
+    packed: np.ndarray
+    widths: np.ndarray
+    shifts: np.ndarray
+    offsets: np.ndarray
+    starts: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    columns: torch.Tensor | None
 
 
 @register_module_type
@@ -78,9 +101,45 @@ class GPTQLinear(StoredLinear):
     def decode_weight(self) -> torch.Tensor:
         return dequantize(self.codes(), self.scales, self.zeros, self.group_size, self.g_idx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._cached if self._cached is not None else self.dequantized_weight()
-        return self.dense_forward(x, w)
+    def cpu_layout(self) -> GPTQKernelLayout | None:
+        from casp.kernels.gptq_cpu import LANES, plane_layout
+
+        n_groups = self.scales.shape[1]
+        codes = self.codes()
+        if self.g_idx is None:
+            starts = np.minimum(np.arange(n_groups + 1) * self.group_size, self.in_features)
+            columns = None
+        else:
+            g_idx = self.g_idx.long()
+            columns = torch.argsort(g_idx, stable=True)
+            counts = torch.bincount(g_idx, minlength=n_groups)
+            starts = np.concatenate([[0], np.cumsum(counts.numpy())])
+            codes = codes[:, columns]
+        if self.in_features % 8 or np.any(np.diff(starts) % 8):
+            return None
+        planes = plane_layout(codes.to(torch.uint8).numpy(), self.bits)
+        rows = planes[0].shape[0] * LANES
+        scales = np.zeros((rows, n_groups), dtype=np.float32)
+        zeros = np.zeros((rows, n_groups), dtype=np.float32)
+        scales[:self.out_features] = self.scales.float().numpy()
+        zeros[:self.out_features] = self.zeros.float().numpy()
+        return GPTQKernelLayout(*planes, starts.astype(np.int64), scales, zeros, columns)
+
+    def cpu_forward(self, x: torch.Tensor, layout: GPTQKernelLayout) -> torch.Tensor:
+        from casp.kernels.gptq_cpu import gptq_dequantize_rows, gptq_matmul, group_sums
+
+        planes = (layout.packed, layout.widths, layout.shifts, layout.offsets, layout.starts,
+                  layout.scales, layout.zeros)
+
+        def fused(xs, ys):
+            sums = np.empty((xs.shape[0], len(layout.starts) - 1), dtype=np.float32)
+            group_sums(xs, layout.starts, sums)
+            gptq_matmul(xs, sums, *planes, ys)
+
+        def tile(first, out):
+            gptq_dequantize_rows(*planes, first, out)
+
+        return run_linear(x, self.out_features, fused, tile, self.bias, layout.columns)
 
     def describe(self) -> dict:
         return {"type": self.type_name, "in_features": self.in_features,

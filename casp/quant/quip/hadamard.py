@@ -241,7 +241,8 @@ def decompose(n: int) -> Decomposition:
 
 
 @lru_cache(maxsize=None)
-def _base_matrix(n: int) -> torch.Tensor:
+def base_matrix(n: int) -> torch.Tensor:
+    """The dense factor of M for dimension n, float64 [K, K] (orthogonal; [[1]] for K = 1)."""
     d = decompose(n)
     if d.kind == "hadamard":
         return torch.from_numpy(hadamard_matrix(d.base_order) / math.sqrt(d.base_order))
@@ -252,7 +253,7 @@ def _base_matrix(n: int) -> torch.Tensor:
 
 @lru_cache(maxsize=256)
 def _base_on(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _base_matrix(n).to(device, dtype)
+    return base_matrix(n).to(device, dtype)
 
 
 def transform(x: torch.Tensor, transpose: bool = False, use_kernel: bool | None = None
@@ -280,7 +281,7 @@ def transform_matrix(n: int) -> torch.Tensor:
 
     pw = 1 << decompose(n).log2_pow
     walsh = scipy.linalg.hadamard(pw) / math.sqrt(pw)          # Sylvester order, as fwht
-    return torch.from_numpy(np.kron(_base_matrix(n).numpy(), walsh))
+    return torch.from_numpy(np.kron(base_matrix(n).numpy(), walsh))
 
 
 # ----------------------------------------------------------------------------- random signs

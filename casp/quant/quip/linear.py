@@ -7,20 +7,26 @@ Storage (buffers, saved in the checkpoint):
                  (after block fine-tuning: float16 [in], [out], real-valued)
     scale        float32 [1]
     bias         (if the original had one)
-The forward pass runs from this packed form: the codes are decoded through the codebook
-into the incoherent weight Ŵ_r (on the input's device, in torch), and
-y = s_out * M_out^T (Ŵ_r (M_in (s_in * x))) with the fast transforms of
-casp.quant.quip.hadamard. ``cache_weight()`` keeps the dense weight U_out^T Ŵ_r U_in instead.
+The forward pass runs from this packed form, y = s_out * M_out^T (Ŵ_r (M_in (s_in * x)))
+with the fast transforms of casp.quant.quip.hadamard applied to the activations: on the CPU
+the middle product runs casp.kernels.quip_cpu from the codes; elsewhere (and while
+fine-tuning the signs) the codes are decoded into the incoherent weight Ŵ_r on the input's
+device, in torch (no QuIP# CUDA kernel has been tested here). ``cache_weight()`` keeps the dense weight U_out^T Ŵ_r U_in instead.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
 from casp.errors import CaspError
+from casp.kernels.packed_matmul import FUSED_MAX_TOKENS, run_linear
 from casp.modules import register_module_type
-from casp.quant.quip.codebooks import DIM
-from casp.quant.quip.hadamard import decompose, pack_signs, transform, unpack_signs
+from casp.quant.quip.codebooks import DIM, e81b_table
+from casp.quant.quip.hadamard import base_matrix, decompose, pack_signs, transform, unpack_signs
 from casp.quant.quip.quantize import QuIPResult, unrotate_weight
 from casp.quant.quip.setting import QuIPSetting
 from casp.quant.stored import StoredLinear
@@ -30,6 +36,40 @@ def to_int16(codes: torch.Tensor) -> torch.Tensor:
     """16-bit codes (0..65535, int64) as int16 two's complement."""
     c = codes.long() & 0xFFFF
     return torch.where(c >= 1 << 15, c - (1 << 16), c).to(torch.int16)
+
+
+@dataclass
+class QuIPKernelLayout:
+    """What casp.kernels.quip_cpu reads: the E8P codes as table positions (``code_pairs``,
+    int32 [G, out]: twice the stored codes' size, built once), those of an E8P residual
+    stage or the codes of an E81B one [G, out], the stage kind, 1 / resid_scale and the scale, the E8P
+    half-vectors, the E81B codebook and its transpose, and the sign vectors and transform
+    factors around the kernel."""
+    pairs: np.ndarray
+    pairs2: np.ndarray
+    codes2: np.ndarray
+    second: int
+    factor: float
+    scale: float
+    halves: np.ndarray
+    book2: np.ndarray
+    book2_t: np.ndarray
+    s_in: np.ndarray
+    s_out: np.ndarray
+    transform_in: tuple        # (base [K, K], 2^m, 1 / sqrt(2^m)) of M_in
+    transform_out: tuple       # the same for M_out^T
+
+
+_NO_SIGNS = np.zeros(0, dtype=np.float32)
+
+
+def _transform_factors(n: int, transpose: bool) -> tuple:
+    """What casp.kernels.hadamard_cpu.transform_rows takes for M (or M^T) of dimension n."""
+    d = decompose(n)
+    base = base_matrix(n).numpy()
+    base = np.ascontiguousarray(base.T if transpose else base, dtype=np.float32)
+    pw = 1 << d.log2_pow
+    return base, pw, 1.0 / math.sqrt(pw)
 
 
 @register_module_type
@@ -119,9 +159,7 @@ class QuIPLinear(StoredLinear):
         s_in, s_out = self.signs()
         return unrotate_weight(self.incoherent_weight(), s_in, s_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cached is not None and self._train is None:
-            return self.dense_forward(x, self._cached)
+    def device_forward(self, x: torch.Tensor) -> torch.Tensor:
         s_in, s_out = self.signs()
         h = transform(x.float() * s_in)
         h = h @ self.incoherent_weight().T
@@ -129,6 +167,52 @@ class QuIPLinear(StoredLinear):
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
+
+    def cpu_layout(self) -> QuIPKernelLayout:
+        from casp.kernels.quip_cpu import (NO_SECOND, SECOND_E8P, SECOND_TABLE, code_pairs,
+                                           e8p_halves)
+
+        second, pairs2 = NO_SECOND, np.zeros((1, 1), np.int32)
+        codes2, book2 = np.zeros((1, 1), np.uint8), np.zeros((1, 8), np.float32)
+        if self.resid_codes is not None:
+            if self.setting.stages[1] == "e8p":
+                second, pairs2 = SECOND_E8P, code_pairs(self.resid_codes.numpy())
+            else:
+                second, codes2 = SECOND_TABLE, np.ascontiguousarray(self.resid_codes.numpy().T)
+                book2 = e81b_table().numpy().astype(np.float32)
+        s_in, s_out = self.signs()
+        return QuIPKernelLayout(code_pairs(self.codes.numpy()), pairs2, codes2, second,
+                                1.0 / self.setting.resid_scale, float(self.scale),
+                                e8p_halves()[0], book2, np.ascontiguousarray(book2.T),
+                                s_in.numpy().astype(np.float32), s_out.numpy().astype(np.float32),
+                                _transform_factors(self.in_features, False),
+                                _transform_factors(self.out_features, True))
+
+    def cpu_forward(self, x: torch.Tensor, layout: QuIPKernelLayout) -> torch.Tensor:
+        from casp.kernels.hadamard_cpu import transform_rows, transform_rows_serial
+        import numba
+
+        from casp.kernels.quip_cpu import quip_decode_rows, quip_matmul
+
+        def fused(hs, ys):
+            quip_matmul(hs, layout.halves, layout.pairs, layout.pairs2, layout.codes2,
+                        layout.book2_t, layout.second, layout.factor, layout.scale,
+                        numba.get_num_threads(), ys)
+
+        def tile(first, out):
+            quip_decode_rows(layout.pairs, layout.halves, layout.pairs2, layout.codes2,
+                             layout.book2, layout.second, layout.factor, layout.scale, first, out)
+
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        transform = transform_rows_serial if len(flat) <= FUSED_MAX_TOKENS else transform_rows
+        h = torch.empty_like(flat)
+        transform(flat.numpy(), layout.s_in, *layout.transform_in, _NO_SIGNS, h.numpy())
+        middle = run_linear(h, self.out_features, fused, tile)
+        y = torch.empty_like(middle)
+        transform(middle.numpy(), _NO_SIGNS, *layout.transform_out, layout.s_out, y.numpy())
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # ------------------------------------------------------------------ fine-tuning
 
