@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import torch
 
-_started = False
+_synced = 0          # torch's thread count numba was last set to (0: numba not started)
 
 
 def sync_numba_threads() -> int:
     """Set numba's thread count to torch's (capped by numba's pool size); returns it."""
-    global _started
+    global _synced
+    torch_threads = torch.get_num_threads()
+    if torch_threads == _synced:
+        return min(torch_threads, _pool_size())
     import numba
 
-    torch_threads = torch.get_num_threads()
     wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
-    if not _started:
-        numba.set_num_threads(wanted)           # starts the pool
-        torch.set_num_threads(torch_threads)
-        _started = True
-    elif numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
+    numba.set_num_threads(wanted)           # the first call starts the pool
+    torch.set_num_threads(torch_threads)
+    _synced = torch_threads
     return wanted
+
+
+def _pool_size() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS

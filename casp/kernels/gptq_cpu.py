@@ -65,11 +65,20 @@ def plane_layout(codes: np.ndarray, bits: int):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def gptq_matmul(x, group_sums, packed, widths, shifts, offsets, starts, scales, zeros, y):
-    """y[b, r] (float32 [B, out]) for x float32 [B, in] in kernel column order,
-    group_sums float32 [B, groups], the layout of ``plane_layout``, starts int64
-    [groups + 1] (column ranges of the groups), scales / zeros float32 [blocks * 16,
-    groups] (padded rows: anything)."""
+def gptq_matmul(x_in, columns, packed, widths, shifts, offsets, starts, scales, zeros, y):
+    """y[b, r] (float32 [B, out]) for x_in float32 [B, in]: its columns taken in kernel
+    order (``columns``, int64, the input feature of each kernel column; empty: the natural
+    order), the layout of ``plane_layout``, starts int64 [groups + 1] (column ranges of the
+    groups), scales / zeros float32 [blocks * 16, groups] (padded rows: anything)."""
+    if columns.shape[0]:
+        x = np.empty_like(x_in)
+        for b in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                x[b, c] = x_in[b, columns[c]]
+    else:
+        x = x_in
+    group_sums = np.empty((x.shape[0], starts.shape[0] - 1), np.float32)
+    _group_sums(x, starts, group_sums)
     n_b = x.shape[0]
     n_out = y.shape[1]
     n_blocks = packed.shape[0]
@@ -166,7 +175,7 @@ def gptq_dequantize_rows(packed, widths, shifts, offsets, starts, scales, zeros,
 
 
 @njit(cache=True)
-def group_sums(x, starts, out):
+def _group_sums(x, starts, out):
     """out[b, g] = sum of x[b, starts[g]:starts[g + 1]] (float32 [B, groups])."""
     for b in range(x.shape[0]):
         for g in range(starts.shape[0] - 1):

@@ -6,7 +6,8 @@ Walsh-Hadamard transform of every row (butterflies, Sylvester order) and then th
 matrix B on the left. For the few tokens of decoding the torch version of this costs tens of
 microseconds of operator overhead per call (measured: 72, 115 us for n = 576, 1536 on one
 thread), more than the quantized product itself; this kernel does the same arithmetic in
-one pass per row (the signs s_in multiplied in on the way), in float32.
+one pass per row (the signs multiplied in on the way), in float32, inside the QuIP# decode
+kernel (casp.kernels.quip_cpu). For many rows (prefill) torch's batched version is as fast.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from numba import njit, prange
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _transform_row(x, b, signs, base, pw, scale, post_signs, buf, dest):
+def transform_row(x, b, signs, base, pw, scale, post_signs, buf, dest):
+    """dest = post_signs * (base ⊗ H_pw) (signs * x[b]) * scale for row b of x float32
+    [B, n]; signs, post_signs float32 [n] (or of length 0: none), base float32 [K, K] with
+    K * pw = n (the transposed base for M^T: H is symmetric), buf float32 [K, pw] scratch."""
     n = x.shape[1]
     k_order = base.shape[0]
     for i in range(k_order):
@@ -37,7 +41,8 @@ def _transform_row(x, b, signs, base, pw, scale, post_signs, buf, dest):
         half //= 2
     for i in range(k_order):
         acc = dest[i * pw:(i + 1) * pw]
-        acc[:] = 0.0
+        for j in range(pw):         # loops, not acc[:] = 0: that would be a parallel
+            acc[j] = 0.0            # region of its own inside a parallel kernel
         for t in range(k_order):
             f = scale * base[i, t]
             src = buf[t]
@@ -46,22 +51,3 @@ def _transform_row(x, b, signs, base, pw, scale, post_signs, buf, dest):
     if post_signs.shape[0]:
         for j in range(n):
             dest[j] *= post_signs[j]
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def transform_rows(x, signs, base, pw, scale, post_signs, out):
-    """out[b] = post_signs * (base ⊗ H_pw) (signs * x[b]) * scale for x float32 [B, n],
-    signs, post_signs float32 [n] (or of length 0: none), base float32 [K, K] with
-    K * pw = n (the transposed base for M^T: H is symmetric). Rows in parallel."""
-    for b in prange(x.shape[0]):
-        buf = np.empty((base.shape[0], pw), np.float32)
-        _transform_row(x, b, signs, base, pw, scale, post_signs, buf, out[b])
-
-
-@njit(fastmath=True, cache=True)
-def transform_rows_serial(x, signs, base, pw, scale, post_signs, out):
-    """``transform_rows`` on one thread, for the few rows of decoding (a parallel launch
-    costs more than the work)."""
-    buf = np.empty((base.shape[0], pw), np.float32)
-    for b in range(x.shape[0]):
-        _transform_row(x, b, signs, base, pw, scale, post_signs, buf, out[b])

@@ -51,23 +51,18 @@ def _tile_buffer(elements: int) -> torch.Tensor:
     return buf
 
 
-def packed_matmul(x: torch.Tensor, out_features: int,
-                  fused: Callable[[object, object], None],
-                  tile: Callable[[int, object], None]) -> torch.Tensor:
-    """y = x W^T, float32 [T, out], for x float32 contiguous [T, in] on the CPU."""
-    sync_numba_threads()
+def _tiled_matmul(x: torch.Tensor, out_features: int, tile: Callable[[int, object], None]
+                  ) -> torch.Tensor:
+    """y = x W^T, float32 [T, out], W decoded tile by tile into the reused buffer."""
     tokens, in_features = x.shape
     y = torch.empty(tokens, out_features, dtype=torch.float32)
-    if tokens <= FUSED_MAX_TOKENS:
-        fused(x.numpy(), y.numpy())
-        return y
     rows = max(1, min(out_features, TILE_ELEMENTS // max(1, in_features)))
     buf = _tile_buffer(rows * in_features)
     for first in range(0, out_features, rows):
         n = min(rows, out_features - first)
         w = buf[:n * in_features].view(n, in_features)
         tile(first, w.numpy())
-        y[:, first:first + n] = x @ w.T
+        torch.matmul(x, w.T, out=y[:, first:first + n])
     return y
 
 
@@ -75,13 +70,24 @@ def run_linear(x: torch.Tensor, out_features: int, fused, tile,
                bias: torch.Tensor | None = None, columns: torch.Tensor | None = None
                ) -> torch.Tensor:
     """The whole CPU forward of a quantized linear: any leading shape and float dtype in,
-    the same dtype out; the kernels compute in float32. ``columns``: the order of the input
-    features the kernels take (a permutation), if not the natural one."""
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    if columns is not None:
-        flat = flat.index_select(1, columns)
-    flat = flat.contiguous()
-    y = packed_matmul(flat, out_features, fused, tile)
+    the same dtype out; the kernels compute in float32. ``fused(x, y)`` writes y = x W^T
+    for a float32 [T, in] input of up to FUSED_MAX_TOKENS rows (numpy arrays; it takes
+    the input features in their natural order), ``tile(first_row, out)`` writes rows of
+    the dequantized W with its columns in the order ``columns`` (a permutation of the input
+    features; None: the natural one)."""
+    sync_numba_threads()
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    if flat.shape[0] <= FUSED_MAX_TOKENS:
+        flat = flat.contiguous()
+        y = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+        fused(flat.numpy(), y.numpy())
+    else:
+        if columns is not None:
+            flat = flat.index_select(1, columns)
+        y = _tiled_matmul(flat.contiguous(), out_features, tile)
     if bias is not None:
-        y += bias.float()
-    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+        y += bias
+    y = y.view(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -31,6 +31,8 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
+from casp.kernels.hadamard_cpu import transform_row
+
 ROWS_PER_TASK = 16
 NO_SECOND, SECOND_E8P, SECOND_TABLE = 0, 1, 2
 HALVES = 512
@@ -88,16 +90,25 @@ def _half_products(h, b, g, halves, t):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def quip_matmul(h, halves, pairs_t, pairs2_t, codes2_t, book2_t, second, factor, scale,
-                n_tasks, y):
-    """y float32 [B, out] = scale * h @ decode(codes).T for h float32 [B, in]: the
-    ``code_pairs`` of the codes transposed, int32 [G, out]; pairs2_t those of an E8P
-    residual stage, codes2_t the codes of an E81B one transposed [G, out] with book2_t its
-    codebook transposed [8, 256] (any arrays for the kinds not used); factor =
-    1 / resid_scale; rows split into n_tasks blocks.
+def quip_matmul(x, s_in, base_in, pw_in, scale_in, halves, pairs_t, pairs2_t, codes2_t,
+                book2_t, second, factor, scale, base_out, pw_out, scale_out, s_out, n_tasks,
+                y_out):
+    """The whole QuIP# product for a few rows x float32 [B, in]: h = M_in (s_in * x),
+    z = scale * h @ decode(codes).T, y_out = s_out * M_out^T z (the transforms as
+    casp.kernels.hadamard_cpu.transform_row takes them). Codes: the ``code_pairs`` of the
+    codes, int32 [G, out]; pairs2_t those of an E8P residual stage, codes2_t the codes of
+    an E81B one transposed [G, out] with book2_t its codebook transposed [8, 256] (any
+    arrays for the kinds not used); factor = 1 / resid_scale; rows split into n_tasks
+    blocks.
 
     Groups are the outer loop: each task builds the products table of one input group
     (1536 floats, in L1) and adds that group's term to all of its rows."""
+    h = np.empty_like(x)
+    no_signs = np.empty(0, np.float32)
+    buf_in = np.empty((base_in.shape[0], pw_in), np.float32)
+    for b in range(x.shape[0]):
+        transform_row(x, b, s_in, base_in, pw_in, scale_in, no_signs, buf_in, h[b])
+    y = np.empty_like(y_out)
     n_b = h.shape[0]
     n_groups, n_out = pairs_t.shape
     rows_per_task = (n_out + n_tasks - 1) // n_tasks
@@ -140,6 +151,9 @@ def quip_matmul(h, halves, pairs_t, pairs2_t, codes2_t, book2_t, second, factor,
         for b in range(n_b):
             for r in range(r0, r1):
                 y[b, r] = scale * (acc[b, r - r0] + np.float32(factor) * acc2[b, r - r0])
+    buf_out = np.empty((base_out.shape[0], pw_out), np.float32)
+    for b in range(n_b):
+        transform_row(y, b, no_signs, base_out, pw_out, scale_out, s_out, buf_out, y_out[b])
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -43,8 +43,8 @@ class StoredLinear(nn.Module):
         training = self._train is not None
         if self._cached is not None and not training:
             return self.dense_forward(x, self._cached)
-        autograd = torch.is_grad_enabled() and (training or x.requires_grad)
-        if x.device.type == "cpu" and not autograd and kernels_enabled():
+        if (x.is_cpu and not training and not (x.requires_grad and torch.is_grad_enabled())
+                and kernels_enabled()):
             layout = self.kernel_layout()
             if layout is not None:
                 return self.cpu_forward(x, layout)
@@ -64,15 +64,16 @@ class StoredLinear(nn.Module):
 
     def kernel_layout(self):
         """``cpu_layout()``, kept until a stored tensor is replaced or changed in place."""
-        key = tuple((name, t.data_ptr(), t._version) for name in self.stored_tensors
-                    if isinstance(t := getattr(self, name, None), torch.Tensor))
+        tensors = [t for t in map(self._buffers.get, self.stored_tensors) if t is not None]
+        key = [(id(t), t._version) for t in tensors]
         if self._layout is None or self._layout[0] != key:
             layout = self.cpu_layout()
             if layout is None and self.type_name not in _said_no_kernel:
                 _said_no_kernel.add(self.type_name)
                 log.info("a %s module of shape %s has no CPU kernel; it runs as a dequantized "
                          "matmul", self.type_name, (self.out_features, self.in_features))
-            self._layout = (key, layout)
+            # the tensors are kept with the key: alive, their ids cannot be reused
+            self._layout = (key, layout, tensors)
         return self._layout[1]
 
     def decode_weight(self) -> torch.Tensor:

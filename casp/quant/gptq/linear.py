@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from casp.kernels.gptq_cpu import LANES, gptq_dequantize_rows, gptq_matmul, plane_layout
 from casp.kernels.packed_matmul import run_linear
 from casp.modules import register_module_type
 from casp.quant.gptq.quantize import (GPTQResult, check_bits, dequantize, described_bits,
@@ -44,6 +45,7 @@ class GPTQKernelLayout:
     scales: np.ndarray
     zeros: np.ndarray
     columns: torch.Tensor | None
+    column_order: np.ndarray          # the same as int64 (empty: the natural order)
 
 
 @register_module_type
@@ -102,8 +104,6 @@ class GPTQLinear(StoredLinear):
         return dequantize(self.codes(), self.scales, self.zeros, self.group_size, self.g_idx)
 
     def cpu_layout(self) -> GPTQKernelLayout | None:
-        from casp.kernels.gptq_cpu import LANES, plane_layout
-
         n_groups = self.scales.shape[1]
         codes = self.codes()
         if self.g_idx is None:
@@ -123,18 +123,15 @@ class GPTQLinear(StoredLinear):
         zeros = np.zeros((rows, n_groups), dtype=np.float32)
         scales[:self.out_features] = self.scales.float().numpy()
         zeros[:self.out_features] = self.zeros.float().numpy()
-        return GPTQKernelLayout(*planes, starts.astype(np.int64), scales, zeros, columns)
+        order = np.zeros(0, np.int64) if columns is None else columns.numpy().astype(np.int64)
+        return GPTQKernelLayout(*planes, starts.astype(np.int64), scales, zeros, columns, order)
 
     def cpu_forward(self, x: torch.Tensor, layout: GPTQKernelLayout) -> torch.Tensor:
-        from casp.kernels.gptq_cpu import gptq_dequantize_rows, gptq_matmul, group_sums
-
         planes = (layout.packed, layout.widths, layout.shifts, layout.offsets, layout.starts,
                   layout.scales, layout.zeros)
 
         def fused(xs, ys):
-            sums = np.empty((xs.shape[0], len(layout.starts) - 1), dtype=np.float32)
-            group_sums(xs, layout.starts, sums)
-            gptq_matmul(xs, sums, *planes, ys)
+            gptq_matmul(xs, layout.column_order, *planes, ys)
 
         def tile(first, out):
             gptq_dequantize_rows(*planes, first, out)

@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from torch import nn
 
 from casp.errors import CaspError
 from casp.kernels.packed_matmul import FUSED_MAX_TOKENS, run_linear
+from casp.kernels.quip_cpu import (NO_SECOND, SECOND_E8P, SECOND_TABLE, code_pairs, e8p_halves,
+                                   quip_decode_rows, quip_matmul)
 from casp.modules import register_module_type
 from casp.quant.quip.codebooks import DIM, e81b_table
 from casp.quant.quip.hadamard import base_matrix, decompose, pack_signs, transform, unpack_signs
@@ -56,15 +59,16 @@ class QuIPKernelLayout:
     book2_t: np.ndarray
     s_in: np.ndarray
     s_out: np.ndarray
+    s_in_t: torch.Tensor       # the same as tensors
+    s_out_t: torch.Tensor
     transform_in: tuple        # (base [K, K], 2^m, 1 / sqrt(2^m)) of M_in
     transform_out: tuple       # the same for M_out^T
 
 
-_NO_SIGNS = np.zeros(0, dtype=np.float32)
 
 
 def _transform_factors(n: int, transpose: bool) -> tuple:
-    """What casp.kernels.hadamard_cpu.transform_rows takes for M (or M^T) of dimension n."""
+    """What casp.kernels.hadamard_cpu.transform_row takes for M (or M^T) of dimension n."""
     d = decompose(n)
     base = base_matrix(n).numpy()
     base = np.ascontiguousarray(base.T if transpose else base, dtype=np.float32)
@@ -169,9 +173,6 @@ class QuIPLinear(StoredLinear):
         return y.to(x.dtype)
 
     def cpu_layout(self) -> QuIPKernelLayout:
-        from casp.kernels.quip_cpu import (NO_SECOND, SECOND_E8P, SECOND_TABLE, code_pairs,
-                                           e8p_halves)
-
         second, pairs2 = NO_SECOND, np.zeros((1, 1), np.int32)
         codes2, book2 = np.zeros((1, 1), np.uint8), np.zeros((1, 8), np.float32)
         if self.resid_codes is not None:
@@ -185,33 +186,32 @@ class QuIPLinear(StoredLinear):
                                 1.0 / self.setting.resid_scale, float(self.scale),
                                 e8p_halves()[0], book2, np.ascontiguousarray(book2.T),
                                 s_in.numpy().astype(np.float32), s_out.numpy().astype(np.float32),
+                                s_in.float().clone(), s_out.float().clone(),
                                 _transform_factors(self.in_features, False),
                                 _transform_factors(self.out_features, True))
 
     def cpu_forward(self, x: torch.Tensor, layout: QuIPKernelLayout) -> torch.Tensor:
-        from casp.kernels.hadamard_cpu import transform_rows, transform_rows_serial
-        import numba
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= FUSED_MAX_TOKENS:
+            # one kernel call: transforms and product (casp.kernels.quip_cpu.quip_matmul)
+            def fused(xs, ys):
+                quip_matmul(xs, layout.s_in, *layout.transform_in, layout.halves, layout.pairs,
+                            layout.pairs2, layout.codes2, layout.book2_t, layout.second,
+                            layout.factor, layout.scale, *layout.transform_out, layout.s_out,
+                            numba.get_num_threads(), ys)
 
-        from casp.kernels.quip_cpu import quip_decode_rows, quip_matmul
-
-        def fused(hs, ys):
-            quip_matmul(hs, layout.halves, layout.pairs, layout.pairs2, layout.codes2,
-                        layout.book2_t, layout.second, layout.factor, layout.scale,
-                        numba.get_num_threads(), ys)
+            return run_linear(x, self.out_features, fused, None, self.bias)
 
         def tile(first, out):
             quip_decode_rows(layout.pairs, layout.halves, layout.pairs2, layout.codes2,
                              layout.book2, layout.second, layout.factor, layout.scale, first, out)
 
-        flat = x.reshape(-1, self.in_features).float().contiguous()
-        transform = transform_rows_serial if len(flat) <= FUSED_MAX_TOKENS else transform_rows
-        h = torch.empty_like(flat)
-        transform(flat.numpy(), layout.s_in, *layout.transform_in, _NO_SIGNS, h.numpy())
-        middle = run_linear(h, self.out_features, fused, tile)
-        y = torch.empty_like(middle)
-        transform(middle.numpy(), _NO_SIGNS, *layout.transform_out, layout.s_out, y.numpy())
+        # many rows: torch's batched transform (BLAS for the dense factor) around the tiles
+        h = transform(flat.float() * layout.s_in_t)
+        y = transform(run_linear(h, self.out_features, None, tile), transpose=True)
+        y *= layout.s_out_t
         if self.bias is not None:
-            y += self.bias.float()
+            y += self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # ------------------------------------------------------------------ fine-tuning
