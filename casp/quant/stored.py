@@ -21,6 +21,7 @@ from casp.kernels.packed_matmul import kernels_enabled
 
 log = logging.getLogger("casp")
 _said_no_kernel: set[str] = set()
+_said_no_device: set[str] = set()
 
 
 class StoredLinear(nn.Module):
@@ -30,6 +31,8 @@ class StoredLinear(nn.Module):
     ``describe()`` and ``described_bits(description)`` (its stored bits)."""
 
     fp16_buffers: tuple[str, ...] = ()
+
+    device_kernels = False      # True: device_forward runs real kernels off the CPU (AQLM)
 
     def __init__(self):
         super().__init__()
@@ -48,6 +51,10 @@ class StoredLinear(nn.Module):
             layout = self.kernel_layout()
             if layout is not None:
                 return self.cpu_forward(x, layout)
+        elif not x.is_cpu and not self.device_kernels and self.type_name not in _said_no_device:
+            _said_no_device.add(self.type_name)
+            log.info("%s modules on %s run as a dequantized matmul (casp has no tested %s "
+                     "kernel for this device)", self.type_name, x.device.type, self.type_name)
         return self.device_forward(x)
 
     def device_forward(self, x: torch.Tensor) -> torch.Tensor:

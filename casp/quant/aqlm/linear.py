@@ -79,6 +79,7 @@ class AQLMKernelLayout:
 @register_module_type
 class AQLMLinear(StoredLinear):
     type_name = "aqlm"
+    device_kernels = True       # the aqlm package's CUDA / Triton kernels
     fp16_buffers = ("codebooks", "scales")
     stored_tensors = ("codes", "codebooks", "scales")
     described_bits = staticmethod(described_bits)
