@@ -104,6 +104,8 @@ def quip_matmul(x, s_in, base_in, pw_in, scale_in, halves, pairs_t, pairs2_t, co
     Groups are the outer loop: each task builds the products table of one input group
     (1536 floats, in L1) and adds that group's term to all of its rows."""
     h = np.empty_like(x)
+    # a local, not a module-level constant: a global array in this parallel kernel made
+    # it 5x slower (measured: 159 against 32 us for 72 x 576)
     no_signs = np.empty(0, np.float32)
     buf_in = np.empty((base_in.shape[0], pw_in), np.float32)
     for b in range(x.shape[0]):
