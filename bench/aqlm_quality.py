@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_quality import (MODEL, ROOT, avg_bits_of, calib_flags, casp,  # noqa: E402
+from gptq_quality import (MODEL, ROOT, avg_bits_of, calib_flags, calibration_note,  # noqa: E402
+                          casp,
                           evaluate, peak_of, quality_parser, row, stage_seconds,
                           write_results)
 
@@ -139,9 +140,7 @@ def table(rows: list[dict], args) -> str:
                      f"{w['ppl']:.2f} | {d['lee']['ppl']:.2f} | {w['quant_seconds'] or '-'} | "
                      f"{w['peak_mem_gb'] or '-'} | {size} | {ratio} |")
     r0 = rows[0]
-    lines += ["", f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} tokens (wiki train, "
-              f"seed 3); evaluation {r0['eval_windows']} x {r0['eval_seqlen']} tokens (test split "
-              f"of each corpus) through the aqlm kernels; AQLM: residual k-means init, beam "
+    lines += ["", f"{calibration_note(args, r0)} through the aqlm kernels; AQLM: residual k-means init, beam "
               f"{args.beam_size}, {args.steps_per_round} Adam steps per round (lr 1e-4), relative "
               f"tolerance 0.01, at most {args.max_rounds} rounds; CASP: whitened low-rank W_q/W_k 75% (ranks multiple of 8), "
               f"block-influence allocation over {CODEBOOK_MAP} with the factors at their "

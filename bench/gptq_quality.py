@@ -120,6 +120,14 @@ def quality_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def calibration_note(args, first_row: dict) -> str:
+    """The start of every SmolLM2 quality table's footer: the model, its calibration and
+    its evaluation."""
+    return (f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} tokens (wiki train, "
+            f"seed 3); evaluation {first_row['eval_windows']} x {first_row['eval_seqlen']} "
+            "tokens (test split of each corpus)")
+
+
 def write_results(name: str, rows: list[dict], markdown: str) -> None:
     """bench/results/<name>.json (the rows) and .md (the table)."""
     RESULTS.mkdir(exist_ok=True)
@@ -288,9 +296,7 @@ def table(rows: list[dict], args) -> str:
                      f"{w['ppl']:.2f} | {d['lee']['ppl']:.2f} | {w['quant_seconds'] or '-'} | "
                      f"{w['peak_mem_gb'] or '-'} | {size} | {ratio} |")
     r0 = rows[0]
-    lines += ["", f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} tokens (wiki train, "
-              f"seed 3); evaluation {r0['eval_windows']} x {r0['eval_seqlen']} tokens (test split "
-              f"of each corpus); GPTQ act-order, damp 0.01, true-sequential; CASP: whitened "
+    lines += ["", f"{calibration_note(args, r0)}; GPTQ act-order, damp 0.01, true-sequential; CASP: whitened "
               f"low-rank W_q/W_k 75% (factors 3-bit per channel), block-influence allocation over "
               f"widths {{{ALLOWED_BITS}}} at group 128; time includes every stage (low-rank, "
               f"importance, GPTQ); {r0['machine']}; {r0['date']}."]

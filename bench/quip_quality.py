@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_quality import (MODEL, ROOT, add_measured_args, avg_bits_of,  # noqa: E402
-                          calib_flags, casp, evaluate, lowrank_note, measured_settings,
+                          calib_flags, calibration_note, casp, evaluate, lowrank_note, measured_settings,
                           measured_stages, merged_rows, peak_of, quality_parser, row,
                           stage_seconds, write_results)
 
@@ -203,9 +203,7 @@ def table(rows: list[dict], args) -> str:
     r0 = rows[0]
     searched = ", ".join(sorted({str(r["settings"]["search_samples"]) for r in rows
                                  if "search_samples" in r["settings"]})) or "-"
-    lines += ["", f"SmolLM2-135M; calibration {args.nsamples} x {args.seqlen} tokens (wiki train, "
-              f"seed 3); evaluation {r0['eval_windows']} x {r0['eval_seqlen']} tokens (test split "
-              f"of each corpus) from the packed form; QuIP#: random-sign Hadamard incoherence, "
+    lines += ["", f"{calibration_note(args, r0)} from the packed form; QuIP#: random-sign Hadamard incoherence, "
               f"BlockLDLQ (blocks of 8), true-sequential Hessians, sigma_reg 0.01, no "
               f"fine-tuning; CASP: whitened low-rank W_q/W_k (ranks multiple of 8), "
               f"block-influence allocation over {CODEBOOK_MAP}; casp_quip_m: the measured "

@@ -118,6 +118,9 @@ class LayerContext:
         self.outputs: list[torch.Tensor] | None = None
         # quantizer passes touch only these modules (relative names) when set
         self.only: tuple[str, ...] | None = None
+        # input Gram matrices to reuse by linear name (the measured search shares the
+        # full-precision layer's across widths); read-only, never filled by input_grams
+        self.gram_cache: dict[str, InputGram] | None = None
 
     def module(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
@@ -159,8 +162,12 @@ class LayerContext:
     def input_grams(self, names: Iterable[str]) -> dict[str, InputGram]:
         """Gram matrices of the inputs of the named linears, from one forward pass that
         stops, batch by batch, as soon as every named linear has run. Linears fed the very
-        same tensor (q, k, v) share one accumulator."""
-        names = list(names)
+        same tensor (q, k, v) share one accumulator. Names in ``gram_cache`` are taken from
+        it."""
+        cached = {n: self.gram_cache[n] for n in names if n in (self.gram_cache or {})}
+        names = [n for n in names if n not in cached]
+        if not names:
+            return cached
         grams: dict[str, InputGram] = {}
         last: list = [None, None]   # the latest input tensor seen and its accumulator
         seen: set[str] = set()
@@ -182,7 +189,7 @@ class LayerContext:
             return hook
 
         self.forward({n: make_hook(n) for n in names}, keep_outputs=False)
-        return grams
+        return {**grams, **cached}
 
     def replace(self, name: str, module: nn.Module) -> None:
         """Put ``module`` in place of the layer's submodule ``name`` and record it."""

@@ -159,6 +159,18 @@ def test_fast_nearest_e8p12_equals_brute_force(spread):
     assert torch.equal(decode_e8p(codes), values)
 
 
+def test_numba_and_torch_nearest_e8p12_give_the_same_codes(monkeypatch):
+    """The CPU kernel (casp.kernels.e8p_nearest) and the torch search (CUDA, CASP_KERNELS=0)
+    are the same search: the same codes, ties included, at every scale of input."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(3000, 8, generator=g) * s for s in (0.2, 1.0, 4.0)])
+    x[:50] = torch.round(x[:50] * 4) / 4          # on the lattice's grid: many exact ties
+    values, codes = nearest_e8p(x)
+    monkeypatch.setenv("CASP_KERNELS", "0")
+    ref_values, ref_codes = nearest_e8p(x, chunk=1000)
+    assert torch.equal(codes, ref_codes) and torch.equal(values, ref_values)
+
+
 def test_brute_force_search_of_e81b():
     x = torch.randn(500, 8)
     values, idx = nearest_in(x, e81b_table(), chunk=77)

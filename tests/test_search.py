@@ -92,7 +92,7 @@ def _context(src, calib_txt, index=1):
 def _search(loaded, **kw):
     rules = SettingRules(group_size=32)
     return SensitivityPass(loaded.model, lambda plan: GPTQPass(plan=plan), {}, rules, [2, 4],
-                           [], **kw)
+                           [], **{"score": "kl", **kw})
 
 
 @torch.no_grad()
@@ -312,3 +312,50 @@ def test_bad_measured_input_is_refused(tiny_llama, tmp_path, capsys):
                "--budget", "3", "--bits", "2,3", "--group-size", "32", "--measured",
                "--lowrank-options", "0.5", *data) == 2
     assert "already has low-rank modules" in capsys.readouterr().err
+
+
+def test_fisher_score_estimates_the_exact_divergence(tiny_llama):
+    """The second-order estimate from the output Fisher (casp.allocation.fisher) is close
+    to the divergence measured by running the later layers, for every option of a layer,
+    and orders them the same way; zero for the layer unchanged."""
+    src, calib_txt = tiny_llama
+    loaded, _, ctx = _context(src, calib_txt)
+    search = _search(loaded, measure_batches=2, fisher_samples=64)
+    search.process(ctx)
+    measured = search.measured[1]
+    # the MLP's change (most of this layer's divergence): within 20% (measured 0.93-0.98)
+    for o in measured["mlp"].values():
+        assert 0.8 < o["fisher"] / o["kl"] < 1.25
+    # W_v/W_o: the diagonal misses the correlations of its change (measured 0.5-0.65)
+    for o in measured["self_attn"].values():
+        assert 0.35 < o["fisher"] / o["kl"] < 1.25
+    # within a part the estimate orders the widths as the exact divergence does
+    for part in measured.values():
+        assert part["dense@2"]["fisher"] > part["dense@4"]["fisher"] >= 0
+
+
+def test_fisher_search_runs_only_the_layer_per_option(tiny_llama, monkeypatch):
+    """With the default (Fisher) score no option runs the layers after it, and the plan's
+    score is the estimate."""
+    src, calib_txt = tiny_llama
+    loaded, _, ctx = _context(src, calib_txt)
+    monkeypatch.setattr(SensitivityPass, "_divergence",
+                        lambda *a, **k: pytest.fail("ran the later layers"))
+    search = _search(loaded, measure_batches=2, score="fisher")
+    search.process(ctx)
+    for part in search.measured[1].values():
+        for o in part.values():
+            assert o["kl"] == o["fisher"] > 0
+
+
+def test_without_lowrank_solves_the_same_measurements_densely(measured_run, tmp_path):
+    src, root, plan_path, data = measured_run
+    out = tmp_path / "dense.json"
+    assert run("allocate", "--model", src, "--output", out, "--budget", "3.6", "--bits", "2,3",
+               "--group-size", "32", "--measured", "--lowrank-options", "0.5,0.75",
+               "--without-lowrank", "--search-samples", "4", "--measurements",
+               plan_path.with_suffix(".measured.json"), *data) == 0
+    plan = BitPlan.load(out)
+    assert all(r["lowrank"] is None for r in plan.layers)
+    assert all(label.startswith("dense") for r in plan.layers for label in r["units"].values())
+    assert not plan.meta["lowrank"]["ranks"] and plan.achieved_bits <= 3.6

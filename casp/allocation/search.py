@@ -10,7 +10,12 @@ takes the low-rank stage as given. Here the options are built for real and measu
     score of an option:  KL(p_fp || p_option), the mean over the measured calibration
                          tokens of the divergence of the model's next-token distribution
                          when that part alone takes the option (every other part and layer
-                         in full precision; layers after i run on the changed outputs)
+                         in full precision), either measured by running the layers after
+                         i on the changed outputs (score "kl", exact) or estimated to second
+                         order from the diagonal Fisher of the next-token distributions
+                         with respect to layer i's output (score "fisher",
+                         casp.allocation.fisher: one backward pass of the model for all
+                         layers, then one forward of the layer per option)
 
 then the multiple-choice knapsack (:func:`casp.allocation.solve_choices`) picks one option
 per part minimising the summed divergence at the budget. W_q/W_k are low-rank only where
@@ -21,10 +26,11 @@ plan lists the chosen ranks; ``casp lowrank --plan`` applies them to the origina
 before the quantizer runs with the same plan.
 
 Approximations, for speed: each width's quantized linears come from one quantization of the
-whole layer (true-sequential, so W_v/W_o/MLP were quantized after the dense W_q/W_k at that
-width), and the parts' divergences are taken as additive. Cost: each layer is quantized once
-per width (the low-rank factors once more), and the layers after it run once per option on
-the measured samples.
+whole layer, every linear's Hessian from the full-precision layer's inputs (one forward per
+layer shared by every width), and the parts' divergences are taken as additive. Cost: each
+layer is quantized once per width (the low-rank factors once more); with the exact score the
+layers after it run once per option on the measured samples, with the Fisher score only the
+layer does.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import torch
 from torch import nn
 
 from casp.allocation.budget import SettingRules, dense_parameters
+from casp.allocation.fisher import fisher_divergence, layer_output_fishers
 from casp.allocation.plan import BitPlan, plan_meta
 from casp.allocation.solver import solve_choices
 from casp.devices import to_device
@@ -63,6 +70,7 @@ def _width(label: str) -> int:
     return int(label.rsplit("@", 1)[1])
 
 
+SCORES = ("fisher", "kl")
 QK = "qk"
 UNIT_NAMES = {QK: "W_q/W_k (bits or low-rank)", "self_attn": "W_v/W_o bits", "mlp": "MLP bits"}
 
@@ -92,7 +100,9 @@ def budget_error(budget: float, need: float) -> CaspError:
 class SensitivityPass(LayerPass):
     """Measures every option of every part of every layer; changes nothing (the next layer
     sees the original outputs). ``measured[i]`` after the walk:
-    {part: {label: {"kl", "shapes", "ranks"}}}, labels "dense@3", "lowrank0.75@4".
+    {part: {label: {"kl", "fisher", "shapes", "ranks"}}}, labels "dense@3",
+    "lowrank0.75@4": "kl" the score the plan is solved on (the exact divergence with score
+    "kl", the Fisher estimate with score "fisher"), "fisher" always the Fisher estimate.
 
     Args:
         model: the whole model (the layers after the current one, the final norm and the
@@ -108,6 +118,9 @@ class SensitivityPass(LayerPass):
             search resumes, and a plan at another budget reuses them.
         identity: what the measurements are of (model, calibration): a record of anything
             else is not reused.
+        score: "fisher" (the second-order estimate; the default) or "kl" (the layers after
+            each option run: exact, slower).
+        fisher_samples: next-token draws per position for the Fisher.
     """
 
     name = "sensitivity"
@@ -116,9 +129,15 @@ class SensitivityPass(LayerPass):
     def __init__(self, model: nn.Module, quantizer: Callable[[dict], LayerPass],
                  quantizer_settings: dict, rules: SettingRules, widths: list[int],
                  compressions: list[float], rank_multiple: int = 1, measure_batches: int = 1,
-                 record: str | Path | None = None, identity: dict | None = None):
+                 record: str | Path | None = None, identity: dict | None = None,
+                 score: str = "fisher", fisher_samples: int = 4):
         if measure_batches < 1:
             raise CaspError("--search-samples must be at least 1")
+        if score not in SCORES:
+            raise CaspError(f"--search-score {score!r}: use one of {', '.join(SCORES)}")
+        if fisher_samples < 1:
+            raise CaspError("--fisher-samples must be at least 1")
+        self.score, self.fisher_samples = score, fisher_samples
         self.model, self.quantizer, self.rules = model, quantizer, rules
         self.quantizer_settings = quantizer_settings
         self.widths, self.compressions = sorted(widths), sorted(compressions)
@@ -130,13 +149,17 @@ class SensitivityPass(LayerPass):
         self.identity = identity or {}
         self.measured: dict[int, dict] = {}
         self.reference: list[torch.Tensor] | None = None
+        self.fishers: dict[int, list[torch.Tensor]] | None = None
+        self._grams: dict = {}
         self._load_record()
 
     def settings(self) -> dict:
         return {"parts": [QK, "rest by submodule"], "quantizer": self.quantizer_settings,
                 "rules": self.rules.meta(),
                 "widths": self.widths, "compressions": self.compressions,
-                "rank_multiple": self.rank_multiple, "measure_batches": self.measure_batches}
+                "rank_multiple": self.rank_multiple, "measure_batches": self.measure_batches,
+                "score": self.score, "fisher_samples": self.fisher_samples,
+                "hessians": "full-precision layer inputs"}
 
     # -- resume -------------------------------------------------------------------------
 
@@ -211,12 +234,22 @@ class SensitivityPass(LayerPass):
 
     @torch.no_grad()
     def _ensure_reference(self, ctx: LayerContext) -> None:
-        if self.reference is not None:
+        """At the first layer measured: the full-precision next-token distributions (the
+        exact score's reference) and every later layer's output Fisher."""
+        if self.fishers is None:
+            self.fishers = layer_output_fishers(self.model, ctx.spec, ctx, self.measure_batches,
+                                                self.fisher_samples)
+        if self.reference is not None or self.score != "kl":
             return
         self.reference = []
         for j in range(min(self.measure_batches, len(ctx.inputs.hidden))):
             self.reference.append(torch.cat([c.cpu() for c in
                                              self._tail_logprobs(ctx, ctx.layer, j)]))
+
+    @torch.no_grad()
+    def _layer_outputs(self, ctx: LayerContext, layer: nn.Module) -> list[torch.Tensor]:
+        return [ctx.run_batch(j, layer)
+                for j in range(min(self.measure_batches, len(ctx.inputs.hidden)))]
 
     def _quantized(self, ctx: LayerContext, layer: nn.Module, width: int,
                    only: tuple[str, ...] | None = None) -> nn.Module:
@@ -224,6 +257,7 @@ class SensitivityPass(LayerPass):
         at ``width`` by the plan's quantizer, on the layer's calibration inputs."""
         sub = LayerContext(ctx.index, layer, ctx.spec, ctx.inputs, ctx.device)
         sub.only = only
+        sub.gram_cache = self._grams
         plan = {name: self.rules.entry(name, width, shape)
                 for name, shape in layer_shapes(sub, layer).items()}
         self.quantizer(plan).process(sub)
@@ -237,25 +271,38 @@ class SensitivityPass(LayerPass):
         units: dict[str, list[str]] = {}
         for n in layer_linear_names(ctx.layer, ctx.spec):
             units.setdefault(unit_of(ctx.spec, n), []).append(n)
+        # every width's (and the factors') quantization takes its Hessians from the
+        # full-precision layer's inputs, collected once
+        self._grams = ctx.input_grams(layer_linear_names(ctx.layer, ctx.spec))
         quantized = {b: self._quantized(ctx, copy.deepcopy(ctx.layer), b) for b in self.widths}
+        fisher = self.fishers.pop(ctx.index)
+        reference = self._layer_outputs(ctx, ctx.layer)
 
-        def variant(parts: dict[str, nn.Module]) -> float:
-            """KL with the full-precision layer but for ``parts`` (relative name -> module)."""
+        def variant(parts: dict[str, nn.Module]) -> dict[str, float]:
+            """The scores of the full-precision layer but for ``parts`` (relative name ->
+            module): the Fisher estimate, and the one the plan uses."""
             layer = copy.deepcopy(ctx.layer)
             for n, module in parts.items():
                 layer.set_submodule(n, copy.deepcopy(module))
-            return self._divergence(ctx, layer)
+            estimate = fisher_divergence(fisher, reference, self._layer_outputs(ctx, layer))
+            if not math.isfinite(estimate):
+                raise CaspError(f"layer {ctx.index}: an option made the layer's outputs "
+                                "non-finite (an overflow at this dtype?); rerun with --dtype "
+                                "float32")
+            exact = self._divergence(ctx, layer) if self.score == "kl" else estimate
+            return {"kl": exact, "fisher": estimate}
 
         results: dict[str, dict] = {u: {} for u in units}
         for u, members in units.items():
             for b in self.widths:
                 results[u][option_label(None, b)] = {
-                    "kl": variant({n: quantized[b].get_submodule(n) for n in members}),
+                    **variant({n: quantized[b].get_submodule(n) for n in members}),
                     "shapes": layer_shapes(ctx, ctx.layer, members), "ranks": {}}
         targets = ctx.spec.lowrank_targets
         for c in self.compressions:
             lowrank = copy.deepcopy(ctx.layer)
             sub = LayerContext(ctx.index, lowrank, ctx.spec, ctx.inputs, ctx.device)
+            sub.gram_cache = self._grams
             LowRankPass(compression=c, rank_multiple=self.rank_multiple,
                         targets=targets).process(sub)
             ranks = {ctx.full_name(t): lowrank.get_submodule(t).rank for t in targets
@@ -274,9 +321,10 @@ class SensitivityPass(LayerPass):
                 parts = {t: factors[w].get_submodule(t) for t in cut}
                 parts.update({t: quantized[w].get_submodule(t) for t in targets if t not in cut})
                 results[QK][option_label(c, w)] = {
-                    "kl": variant(parts), "shapes": layer_shapes(ctx, lowrank, lr_members),
+                    **variant(parts), "shapes": layer_shapes(ctx, lowrank, lr_members),
                     "ranks": ranks}
         self.measured[ctx.index] = results
+        self._grams = {}
         self._save_record()
         summary = "; ".join(f"{u}: " + ", ".join(f"{k} {v['kl']:.4g}" for k, v in r.items())
                             for u, r in results.items())
@@ -315,10 +363,19 @@ def check_feasible(model: nn.Module, spec, rules: SettingRules, widths: list[int
 
 def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: SettingRules,
                   widths: list[int], budget: float, compressions: list[float],
-                  rank_multiple: int) -> BitPlan:
+                  rank_multiple: int, lowrank: bool = True, score: str = "kl") -> BitPlan:
     """Solve the knapsack over every (layer, part) on the measurements and write the plan:
     every module of the model as it will be after the chosen low-rank factorisations, each
-    part's width, and the ranks."""
+    part's width, and the ranks. ``lowrank=False`` leaves the low-rank options out (the
+    ablation: what the allocation alone buys); ``score`` is the measurement solved on
+    ("kl": the search's score; "fisher": its Fisher estimate)."""
+    if not lowrank:
+        measured = {i: {u: {k: v for k, v in r.items() if k.startswith("dense")}
+                        for u, r in m.items()} for i, m in measured.items()}
+        compressions = []
+    if score != "kl":
+        measured = {i: {u: {k: {**v, "kl": v[score]} for k, v in r.items()}
+                        for u, r in m.items()} for i, m in measured.items()}
     dense = dense_parameters(model, spec)
     n_layers = len(spec.decoder_layers(model))
     missing = [i for i in range(n_layers) if i not in measured]

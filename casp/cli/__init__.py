@@ -5,6 +5,7 @@ One file per group of commands, each with an ``add_parser(sub)`` that registers 
     lowrank.py    casp lowrank                    stage 1
     allocate.py   casp allocate                   stage 2
     quantize.py   casp gptq | aqlm | quip         stage 3 (from casp.quant.registry), hessians
+    finetune.py   casp finetune                   optional end-to-end fine-tuning
     evaluate.py   casp ppl | info | fetch
     generate.py   casp generate                   a reply to a prompt (and an image), timed
     demo.py       casp demo
@@ -17,8 +18,8 @@ import argparse
 import logging
 import sys
 
-from casp.cli import (allocate, demo, evaluate, generate, lmms, lowrank, mini_llava, quantize,
-                      sparsity, vqa)
+from casp.cli import (allocate, demo, evaluate, finetune, generate, lmms, lowrank, mini_llava,
+                      quantize, sparsity, vqa)
 from casp.errors import CaspError
 from casp.version import __version__
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     lowrank.add_parser(sub)
     allocate.add_parser(sub)
     quantize.add_parser(sub)
+    finetune.add_parser(sub)
     evaluate.add_ppl_parser(sub)
     generate.add_parser(sub)
     demo.add_parser(sub)

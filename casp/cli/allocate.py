@@ -43,6 +43,9 @@ def cmd_allocate(args) -> int:
     compressions = _compressions(args.lowrank_options) if args.lowrank_options else []
     if compressions and not args.measured:
         raise CaspError("--lowrank-options needs --measured (the low-rank choice is measured)")
+    if args.without_lowrank and not compressions:
+        raise CaspError("--without-lowrank needs --lowrank-options (it solves the same "
+                        "measurements with the low-rank options left out)")
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     if compressions and any(isinstance(m, LowRankLinear) for m in loaded.model.modules()):
         raise CaspError(f"{args.model} already has low-rank modules; give --lowrank-options "
@@ -76,11 +79,13 @@ def cmd_allocate(args) -> int:
                                  record=args.measurements or out.with_suffix(".measured.json"),
                                  identity={"model": model_identity(args.model),
                                            "calibration": calibration.as_dict(),
-                                           "dtype": str(next(loaded.model.parameters()).dtype)})
+                                           "dtype": str(next(loaded.model.parameters()).dtype)},
+                                 score=args.search_score, fisher_samples=args.fisher_samples)
         result = run_stage(loaded, "sensitivity", [search], calibration, device)
         plan = measured_plan(loaded.model, loaded.spec, search.measured, rules, bits, budget,
-                             compressions, args.rank_multiple)
-        how = {"method": "measured", "search_samples": args.search_samples}
+                             compressions, args.rank_multiple, lowrank=not args.without_lowrank)
+        how = {"method": "measured", "search_samples": args.search_samples,
+               "score": args.search_score, "without_lowrank": args.without_lowrank}
     else:
         importance = ImportancePass(args.importance)
         result = run_stage(loaded, "importance", [importance], calibration, device)
@@ -199,6 +204,20 @@ def add_parser(sub) -> None:
                    help="with --measured: calibration samples (text windows or image samples) "
                         "whose output divergence is measured, rounded up to whole batches of "
                         "--batch-size; the quantizers use every sample (default: 8)")
+    p.add_argument("--search-score", choices=["fisher", "kl"], default="fisher",
+                   help="with --measured: how an option's output divergence is scored: fisher "
+                        "= the second-order estimate from the diagonal Fisher of the "
+                        "next-token distributions with respect to the layer's output (one "
+                        "backward pass of the model, then one forward of the layer per option; "
+                        "default), kl = measured by running every later layer per option "
+                        "(exact, slower)")
+    p.add_argument("--fisher-samples", type=positive, default=4,
+                   help="with --search-score fisher: next-token draws per position for the "
+                        "Fisher (default: 4)")
+    p.add_argument("--without-lowrank", action="store_true",
+                   help="with --lowrank-options: solve the plan with the low-rank options "
+                        "left out (the ablation: what the allocation alone buys; reuses the "
+                        "same --measurements)")
     p.add_argument("--measurements", default=None,
                    help="with --measured: the file keeping each layer's measurements (default: "
                         "PLAN.measured.json beside the plan); an interrupted search resumes from "

@@ -101,7 +101,25 @@ class GPTQLinear(StoredLinear):
                            ).view(self.out_features, self.in_features)
 
     def decode_weight(self) -> torch.Tensor:
-        return dequantize(self.codes(), self.scales, self.zeros, self.group_size, self.g_idx)
+        scales = self._train[0] if self._train is not None else self.scales
+        return dequantize(self.codes(), scales, self.zeros, self.group_size, self.g_idx)
+
+    def begin_training(self) -> list[nn.Parameter]:
+        """A float32 trainable copy of the scales (codes and zero points fixed); the forward
+        pass decodes through it, differentiably, until :meth:`end_training`."""
+        self._train = [nn.Parameter(self.scales.float().clone())]
+        return self._train
+
+    def end_training(self, keep: bool = True) -> None:
+        """Store the trained scales (rounded to fp16), or drop them."""
+        (scales,) = self._train
+        self._train = None
+        if keep:
+            with torch.no_grad():
+                self.scales.copy_(scales.detach().half())
+        if self._cached is not None:
+            self._cached = None
+            self.cache_weight()
 
     def cpu_layout(self) -> GPTQKernelLayout | None:
         n_groups = self.scales.shape[1]

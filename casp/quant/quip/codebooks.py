@@ -83,7 +83,12 @@ def e8p_table(device: torch.device = torch.device("cpu")) -> torch.Tensor:
 
 def nearest_e8p(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest E8P12 codeword of every row of x [N, 8] (float32): (codewords [N, 8],
-    16-bit codes int64 [N])."""
+    16-bit codes int64 [N]). On the CPU a numba kernel (casp.kernels.e8p_nearest) searches
+    without the temporaries; elsewhere, or with CASP_KERNELS=0, torch in chunks."""
+    from casp.kernels.packed_matmul import kernels_enabled
+
+    if x.is_cpu and kernels_enabled():
+        return _nearest_e8p_cpu(x)
     patterns = abs_patterns().to(x.device)
     parity = pattern_parity().to(x.device)
     pnorm = (patterns ** 2).sum(dim=1)
@@ -116,6 +121,20 @@ def nearest_e8p(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch
         codes.append(best_code)
         values.append(decode_e8p(best_code))
     return torch.cat(values), torch.cat(codes)
+
+
+def _nearest_e8p_cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from casp.kernels.cpu_threads import sync_numba_threads
+    from casp.kernels.e8p_nearest import nearest_e8p_codes
+
+    sync_numba_threads()
+    rows = x.detach().float().contiguous().numpy()
+    codes = torch.empty(rows.shape[0], dtype=torch.int64)
+    values = torch.empty(rows.shape, dtype=torch.float32)
+    patterns = abs_patterns()
+    nearest_e8p_codes(rows, patterns.numpy(), (patterns ** 2).sum(dim=1).numpy(),
+                      pattern_parity().numpy(), codes.numpy(), values.numpy())
+    return values, codes
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,300 @@
+"""Benchmark: CASP's measured search against the uniform quantizer at every budget of a sweep,
+with the ablation, the exact-score check of the cheap search and end-to-end fine-tuning, on
+SmolLM2-135M (wiki and lee perplexity).
+
+For each quantizer and each uniform setting of its sweep (GPTQ 2@128, 2@64, 3@128, 4@128;
+QuIP# e8p12, e8p12rvq3b; AQLM 2x8 and 3x8 with --quantizers aqlm), the uniform model's
+stored bits are the budget of:
+    uniform     the quantizer at that setting on every linear
+    casp_m      casp allocate --measured (Fisher score) with low-rank options: W_q/W_k of
+                each layer dense or whitened low-rank at 50% or 75%, the factors at each
+                allowed width; every part's width from the measured divergences; casp
+                lowrank --plan; the quantizer with the plan
+    alloc_m     the ablation: the same measurements solved without the low-rank options
+                (--without-lowrank), the quantizer with that plan on the original model
+    casp_m_kl   (first QuIP# budget) the plan solved on the exact divergences (--search-score
+                kl, the layers after each option run), to check the Fisher score's plans
+    *_ft        (budgets in --finetune) casp finetune on uniform and casp_m: the codes kept,
+                the continuous parameters fitted end to end to the full-precision model
+One search per quantizer and group size serves every budget (its measurements file is
+reused); its time is counted in full in every casp_m and alloc_m row. Same calibration
+(32 x 512 wiki-train tokens, seed 3) and evaluation (16 x 512 tokens of each test split)
+for every row; every stage runs as its own casp process, finished checkpoints under --work
+are reused. Writes bench/results/sweep.{json,md,png}.
+
+    .venv/bin/python bench/sweep.py [--quantizers quip gptq] [--finetune e8p12]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gptq_quality import (MODEL, ROOT, avg_bits_of, calib_flags,  # noqa: E402
+                          calibration_note, casp, evaluate, lowrank_note, measured_settings,
+                          peak_of, quality_parser, row, stage_seconds, write_results)
+
+SWEEPS = {
+    "gptq": {"budgets": ["2@128", "2@64", "3@128", "4@128"], "widths": "2,3,4,5"},
+    "quip": {"budgets": ["e8p12", "e8p12rvq3b"], "widths": "2,3,4",
+             "codebooks": "2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b"},
+    "aqlm": {"budgets": ["2x8", "3x8"], "widths": "2,3,4", "codebooks": "2=2x8,3=3x8,4=4x8"},
+}
+COMPRESSIONS = "0.5,0.75"
+SEARCH_SAMPLES = 2
+
+
+def uniform_flags(quantizer: str, budget: str) -> list:
+    if quantizer == "gptq":
+        bits, group = budget.split("@")
+        return ["--bits", bits, "--group-size", group]
+    return ["--codebook", budget]
+
+
+def search_flags(quantizer: str, budget: str) -> tuple[str, list]:
+    """The measurements file's tag (one per quantizer and group size) and the flags of casp
+    allocate --measured for this budget."""
+    sweep = SWEEPS[quantizer]
+    flags = ["--quantizer", quantizer, "--budget", budget, "--bits", sweep["widths"],
+             "--factor-bits", 0, "--measured", "--lowrank-options", COMPRESSIONS,
+             "--rank-multiple", 8, "--search-samples", SEARCH_SAMPLES]
+    tag = quantizer
+    if quantizer == "gptq":
+        group = budget.split("@")[1]
+        flags += ["--group-size", group, "--factor-group-size", -1]
+        tag = f"gptq-g{group}"
+    else:
+        flags += ["--codebooks", sweep["codebooks"]]
+    return tag, flags
+
+
+def search_calib(args) -> list:
+    # batches of the measured size, so exactly those windows are scored
+    return [*calib_flags(args), "--batch-size", SEARCH_SAMPLES]
+
+
+def plan_for(work: Path, name: str, quantizer: str, budget: str, args, log: Path,
+             extra: tuple = (), score: str = "fisher") -> tuple[Path, dict, float]:
+    """casp allocate --measured for one budget (the first call of a tag measures, the others
+    reuse its file): the plan, its data and the search's seconds (of the measuring call)."""
+    tag, flags = search_flags(quantizer, budget)
+    record = work / f"{tag}-{score}.measured.json"
+    seconds_file = work / f"{tag}-{score}.seconds"
+    plan = work / f"plan-{name}-{budget}.json"
+    if not plan.is_file():
+        start = time.perf_counter()
+        casp("allocate", "--model", MODEL, "--output", plan, *flags, "--search-score", score,
+             "--measurements", record, *extra, *search_calib(args), log=log)
+        if not seconds_file.is_file():
+            data = json.loads(plan.read_text())
+            seconds_file.write_text(f"{data['importance']['seconds']}\n")
+            print(f"{tag} search ({score}): {data['importance']['seconds']:.0f} s "
+                  f"({time.perf_counter() - start:.0f} s with the process)", flush=True)
+    return plan, json.loads(plan.read_text()), float(seconds_file.read_text())
+
+
+def quantize_plan(work: Path, name: str, quantizer: str, budget: str, plan: Path,
+                  plan_data: dict, args, log: Path) -> tuple[Path, float]:
+    """casp lowrank --plan (when the plan cut any W_q/W_k), then the quantizer with the
+    plan; the checkpoint and the seconds of both."""
+    source, seconds = MODEL, 0.0
+    if any(l["lowrank"] is not None for l in plan_data["layers"]):
+        source = work / f"lowrank-{name}-{budget}"
+        casp("lowrank", "--model", MODEL, "--plan", plan, "--output", source,
+             *calib_flags(args), log=log)
+        seconds += stage_seconds(source, "lowrank")
+    out = work / f"{name}-{budget}"
+    casp(quantizer, "--model", source, "--output", out, "--plan", plan,
+         *uniform_flags(quantizer, budget), *calib_flags(args), log=log)
+    return out, seconds + stage_seconds(out, quantizer)
+
+
+def finetuned(work: Path, checkpoint: Path, args, log: Path) -> tuple[Path, float]:
+    out = work / f"{checkpoint.name}-ft"
+    casp("finetune", "--model", checkpoint, "--teacher", MODEL, "--output", out, "--epochs",
+         args.ft_epochs, "--lr", args.ft_lr, *calib_flags(args), "--batch-size", 2, log=log)
+    return out, stage_seconds(out, "finetune")
+
+
+def run(args) -> list[dict]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    rows = row("fp", None, evaluate(MODEL, work, args), None, None, None, args)
+    for quantizer in args.quantizers:
+        for k, budget in enumerate(SWEEPS[quantizer]["budgets"]):
+            common = {"quantizer": quantizer, "setting": budget}
+            uniform = work / f"uniform-{quantizer}-{budget}"
+            casp(quantizer, "--model", MODEL, "--output", uniform,
+                 *uniform_flags(quantizer, budget), *calib_flags(args), log=log)
+            uniform_s = stage_seconds(uniform, quantizer)
+            rows += row("uniform", avg_bits_of(uniform), evaluate(uniform, work, args),
+                        uniform_s, peak_of(uniform), uniform, args, **common)
+            write(rows, args)
+            methods = [("casp_m", (), "fisher"), ("alloc_m", ("--without-lowrank",), "fisher")]
+            if quantizer == "quip" and k == 0:
+                methods.append(("casp_m_kl", (), "kl"))
+            for method, extra, score in methods:
+                name = f"{method}-{quantizer}"
+                plan, data, search_s = plan_for(work, name, quantizer, budget, args, log,
+                                                extra, score)
+                settings = {**common, "score": score, "compressions": COMPRESSIONS,
+                            "allowed_bits": SWEEPS[quantizer]["widths"],
+                            "search_samples": SEARCH_SAMPLES, "search_seconds": search_s,
+                            **measured_settings(data)}
+                if (method == "alloc_m" and len({l["bits"] for l in data["layers"]}) == 1
+                        and data["achieved_bits"] == rows[-1]["avg_bits"]):
+                    # every part at the uniform width: the plan is the uniform model
+                    rows += [{**r, "method": method, "quant_seconds": round(
+                        search_s + uniform_s, 1), "settings": {**r["settings"], **settings,
+                                                              "identical_to": "uniform"}}
+                             for r in rows if r["method"] == "uniform"
+                             and r["settings"].get("setting") == budget
+                             and r["settings"].get("quantizer") == quantizer]
+                    continue
+                out, seconds = quantize_plan(work, name, quantizer, budget, plan, data, args,
+                                             log)
+                rows += row(method, avg_bits_of(out), evaluate(out, work, args),
+                            search_s + seconds, peak_of(out), out, args, **settings)
+                print(f"{method} {quantizer} {budget}: {avg_bits_of(out):.4f} bits "
+                      f"({search_s + seconds:.0f} s)", flush=True)
+                write(rows, args)
+                if method == "casp_m" and budget in args.finetune:
+                    for base, base_s, label in ((uniform, uniform_s, "uniform_ft"),
+                                                (out, search_s + seconds, "casp_m_ft")):
+                        ft, ft_s = finetuned(work, base, args, log)
+                        rows += row(label, avg_bits_of(ft), evaluate(ft, work, args),
+                                    base_s + ft_s, peak_of(ft), ft, args, **common,
+                                    finetune_epochs=args.ft_epochs, finetune_lr=args.ft_lr,
+                                    finetune_seconds=ft_s)
+                        write(rows, args)
+    return rows
+
+
+def fisher_check(work: Path) -> dict | None:
+    """The cheap search's plans against the exact one's on the same measurements (the exact
+    record holds both scores of every option): summed exact divergence of each plan."""
+    record = work / "quip-kl.measured.json"
+    if not record.is_file():
+        return None
+    from casp.allocation.budget import SettingRules, parse_codebook_map
+    from casp.allocation.search import measured_plan
+    from casp.loading import load_pretrained
+
+    data = json.loads(record.read_text())
+    measured = {int(i): m for i, m in data["layers"].items()}
+    loaded = load_pretrained(MODEL, dtype="float32", device="cpu")
+    sweep = SWEEPS["quip"]
+    rules = SettingRules(codebooks=parse_codebook_map(sweep["codebooks"], "quip"),
+                         factor_bits=None)
+    widths = [int(w) for w in sweep["widths"].split(",")]
+    from casp.allocation.budget import uniform_setting_bits
+    from casp.quant.quip.setting import QuIPSetting
+
+    out = {}
+    for budget in sweep["budgets"]:
+        bits = uniform_setting_bits(loaded.model, loaded.spec, QuIPSetting.parse(budget),
+                                    dense=True)
+        sums = {}
+        for score in ("kl", "fisher"):
+            plan = measured_plan(loaded.model, loaded.spec, measured, rules, widths, bits,
+                                 [0.5, 0.75], 8, score=score)
+            sums[score] = sum(measured[r["layer"]][u][label]["kl"]
+                              for r in plan.layers for u, label in r["units"].items())
+        out[budget] = {"exact_plan_kl": round(sums["kl"], 6),
+                       "fisher_plan_kl": round(sums["fisher"], 6),
+                       "ratio": round(sums["fisher"] / sums["kl"], 4)}
+    return out
+
+
+def write(rows: list[dict], args, check: dict | None = None) -> None:
+    write_results("sweep", rows, table(rows, args, check))
+
+
+NAMES = {"fp": "full precision", "uniform": "uniform", "casp_m": "CASP, measured search",
+         "alloc_m": "allocation only (ablation)", "casp_m_kl": "CASP, exact-score search",
+         "uniform_ft": "uniform + end-to-end fine-tuning",
+         "casp_m_ft": "CASP measured + end-to-end fine-tuning"}
+
+
+def table(rows: list[dict], args, check: dict | None) -> str:
+    by: dict = {}
+    for r in rows:
+        s = r["settings"]
+        by.setdefault((s.get("quantizer"), s.get("setting"), r["method"]), {})[r["corpus"]] = r
+    lines = ["| quantizer | budget | method | avg bits | PPL wiki | PPL lee | time (s) | "
+             "what the plan chose |", "|---|---|---|---|---|---|---|---|"]
+    for (quantizer, budget, method), d in by.items():
+        w = d["wiki"]
+        s = w["settings"]
+        note = "same plan as uniform" if s.get("identical_to") else lowrank_note(s).strip(" ()")
+        lines.append(f"| {quantizer or '-'} | {budget or '-'} | {NAMES.get(method, method)} | "
+                     f"{w['avg_bits'] if w['avg_bits'] is not None else '-'} | {w['ppl']:.2f} | "
+                     f"{d['lee']['ppl']:.2f} | {w['quant_seconds'] or '-'} | {note or '-'} |")
+    r0 = rows[0]
+    lines += ["", f"{calibration_note(args, r0)} from the packed form; search: low-rank options "
+              f"{COMPRESSIONS} with factors at each width, divergences on {SEARCH_SAMPLES} "
+              f"calibration windows; time: every stage of the row (the search counted in "
+              f"full); {r0['machine']}; {max(r['date'] for r in rows)}."]
+    if check:
+        lines += ["", "The Fisher score's plans against the exact score's, on the exact "
+                  "divergences of the same measured options (QuIP#):", "",
+                  "| budget | summed KL, exact plan | summed KL, Fisher plan | ratio |",
+                  "|---|---|---|---|"]
+        lines += [f"| {b} | {c['exact_plan_kl']} | {c['fisher_plan_kl']} | {c['ratio']} |"
+                  for b, c in check.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quantizers = sorted({r["settings"].get("quantizer") for r in rows} - {None})
+    fig, axes = plt.subplots(1, len(quantizers), figsize=(5 * len(quantizers), 4),
+                             squeeze=False)
+    fp = next(r["ppl"] for r in rows if r["method"] == "fp" and r["corpus"] == "wiki")
+    for ax, q in zip(axes[0], quantizers):
+        for method in NAMES:
+            pts = sorted((r["avg_bits"], r["ppl"]) for r in rows if r["method"] == method
+                         and r["corpus"] == "wiki" and r["settings"].get("quantizer") == q)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=NAMES[method])
+        ax.axhline(fp, color="gray", linestyle=":", label="full precision")
+        ax.set_yscale("log")
+        ax.set_xlabel("average stored bits per weight")
+        ax.set_ylabel("wiki perplexity")
+        ax.set_title(f"SmolLM2-135M, {q}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ROOT / "bench" / "results" / "sweep.png", dpi=120)
+
+
+def main() -> None:
+    p = quality_parser(__doc__)
+    p.add_argument("--quantizers", nargs="+", default=["quip", "gptq"], choices=list(SWEEPS),
+                   help="quantizers to sweep (default: quip gptq)")
+    p.add_argument("--finetune", nargs="*", default=["e8p12"],
+                   help="budgets whose uniform and casp_m rows also run end-to-end fine-tuned "
+                        "(default: e8p12)")
+    p.add_argument("--ft-epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
+    p.add_argument("--ft-lr", type=float, default=1e-4,
+                   help="fine-tuning learning rate (default 1e-4)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "sweep"),
+                   help="where checkpoints and logs go (reused by a rerun)")
+    args = p.parse_args()
+    start = time.perf_counter()
+    rows = run(args)
+    check = fisher_check(Path(args.work))
+    write(rows, args, check)
+    plot(rows)
+    print(table(rows, args, check))
+    print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
