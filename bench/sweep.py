@@ -6,23 +6,25 @@ For each quantizer and each uniform setting of its sweep (GPTQ 2@128, 2@64, 3@12
 QuIP# e8p12, e8p12rvq3b; AQLM 2x8 and 3x8 with --quantizers aqlm), the uniform model's
 stored bits are the budget of:
     uniform     the quantizer at that setting on every linear
-    casp_m      casp allocate --measured (Fisher score) with low-rank options: W_q/W_k of
+    casp_m      casp allocate --measured (calibrated score) with low-rank options: W_q/W_k of
                 each layer dense or whitened low-rank at 50% or 75%, the factors at each
                 allowed width; every part's width from the measured divergences; casp
                 lowrank --plan; the quantizer with the plan
     alloc_m     the ablation: the same measurements solved without the low-rank options
                 (--without-lowrank), the quantizer with that plan on the original model
-    casp_m_kl   (first QuIP# budget) the plan solved on the exact divergences (--search-score
-                kl, the layers after each option run), to check the Fisher score's plans
-    *_ft        (budgets in --finetune) casp finetune on uniform and casp_m: the codes kept,
-                the continuous parameters fitted end to end to the full-precision model
+    casp_m_fisher, casp_m_kl
+                (first QuIP# budget) the plan from the Fisher estimates alone
+                (--search-score fisher), and from the exact divergences (--search-score kl,
+                the layers after each option run), to check the cheaper scores' plans
+    casp_m_ft   (budgets in --finetune) casp finetune on casp_m: the codes kept, the
+                continuous parameters fitted end to end to the full-precision model
 One search per quantizer and group size serves every budget (its measurements file is
 reused); its time is counted in full in every casp_m and alloc_m row. Same calibration
 (32 x 512 wiki-train tokens, seed 3) and evaluation (16 x 512 tokens of each test split)
 for every row; every stage runs as its own casp process, finished checkpoints under --work
 are reused. Writes bench/results/sweep.{json,md,png}.
 
-    .venv/bin/python bench/sweep.py [--quantizers quip gptq] [--finetune e8p12]
+    .venv/bin/python bench/sweep.py [--runs quip:e8p12 gptq:3@128 ...] [--finetune e8p12]
 """
 from __future__ import annotations
 
@@ -44,6 +46,23 @@ SWEEPS = {
 }
 COMPRESSIONS = "0.5,0.75"
 SEARCH_SAMPLES = 2
+
+
+def run_of(text: str) -> tuple[str, str]:
+    quantizer, _, budget = text.partition(":")
+    if quantizer not in SWEEPS or budget not in SWEEPS[quantizer]["budgets"]:
+        raise SystemExit(f"--runs {text!r}: give QUANTIZER:BUDGET from "
+                         + ", ".join(f"{q}:{b}" for q in SWEEPS for b in SWEEPS[q]["budgets"]))
+    return quantizer, budget
+
+
+def uniform_width(budget: str) -> int:
+    """The allocation width a uniform setting stands for (2@128: 2, e8p12: 2, 3x8: 3)."""
+    if "@" in budget:
+        return int(budget.split("@")[0])
+    if "x" in budget:
+        return int(budget.split("x")[0])
+    return {"e8p12": 2, "e8p12rvq3b": 3}[budget]
 
 
 def uniform_flags(quantizer: str, budget: str) -> list:
@@ -76,7 +95,7 @@ def search_calib(args) -> list:
 
 
 def plan_for(work: Path, name: str, quantizer: str, budget: str, args, log: Path,
-             extra: tuple = (), score: str = "fisher") -> tuple[Path, dict, float]:
+             extra: tuple = (), score: str = "calibrated") -> tuple[Path, dict, float]:
     """casp allocate --measured for one budget (the first call of a tag measures, the others
     reuse its file): the plan, its data and the search's seconds (of the measuring call)."""
     tag, flags = search_flags(quantizer, budget)
@@ -123,53 +142,55 @@ def run(args) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
     rows = row("fp", None, evaluate(MODEL, work, args), None, None, None, args)
-    for quantizer in args.quantizers:
-        for k, budget in enumerate(SWEEPS[quantizer]["budgets"]):
-            common = {"quantizer": quantizer, "setting": budget}
-            uniform = work / f"uniform-{quantizer}-{budget}"
-            casp(quantizer, "--model", MODEL, "--output", uniform,
-                 *uniform_flags(quantizer, budget), *calib_flags(args), log=log)
-            uniform_s = stage_seconds(uniform, quantizer)
-            rows += row("uniform", avg_bits_of(uniform), evaluate(uniform, work, args),
-                        uniform_s, peak_of(uniform), uniform, args, **common)
+    for quantizer, budget in args.runs:
+        k = SWEEPS[quantizer]["budgets"].index(budget)
+        common = {"quantizer": quantizer, "setting": budget}
+        uniform = work / f"uniform-{quantizer}-{budget}"
+        casp(quantizer, "--model", MODEL, "--output", uniform,
+             *uniform_flags(quantizer, budget), *calib_flags(args), log=log)
+        uniform_s = stage_seconds(uniform, quantizer)
+        rows += row("uniform", avg_bits_of(uniform), evaluate(uniform, work, args),
+                    uniform_s, peak_of(uniform), uniform, args, **common)
+        write(rows, args)
+        # (method, extra flags, score, file stem)
+        methods = [("casp_m", (), "calibrated", "casp_cal"),
+                   ("alloc_m", ("--without-lowrank",), "calibrated", "alloc_cal")]
+        if quantizer == "quip" and k == 0:
+            methods += [("casp_m_fisher", (), "fisher", "casp_m"),
+                        ("casp_m_kl", (), "kl", "casp_m_kl")]
+        for method, extra, score, stem in methods:
+            name = f"{stem}-{quantizer}"
+            plan, data, search_s = plan_for(work, name, quantizer, budget, args, log,
+                                            extra, score)
+            settings = {**common, "score": score, "compressions": COMPRESSIONS,
+                        "allowed_bits": SWEEPS[quantizer]["widths"],
+                        "search_samples": SEARCH_SAMPLES, "search_seconds": search_s,
+                        **measured_settings(data)}
+            labels = {label for r in data["layers"] for label in r["units"].values()}
+            if method == "alloc_m" and labels == {f"dense@{uniform_width(budget)}"}:
+                # every part at the uniform width: the plan is the uniform model
+                rows += [{**r, "method": method, "quant_seconds": round(
+                    search_s + uniform_s, 1), "settings": {**r["settings"], **settings,
+                                                          "identical_to": "uniform"}}
+                         for r in rows if r["method"] == "uniform"
+                         and r["settings"].get("setting") == budget
+                         and r["settings"].get("quantizer") == quantizer]
+                continue
+            out, seconds = quantize_plan(work, name, quantizer, budget, plan, data, args,
+                                         log)
+            rows += row(method, avg_bits_of(out), evaluate(out, work, args),
+                        search_s + seconds, peak_of(out), out, args, **settings)
+            print(f"{method} {quantizer} {budget}: {avg_bits_of(out):.4f} bits "
+                  f"({search_s + seconds:.0f} s)", flush=True)
             write(rows, args)
-            methods = [("casp_m", (), "fisher"), ("alloc_m", ("--without-lowrank",), "fisher")]
-            if quantizer == "quip" and k == 0:
-                methods.append(("casp_m_kl", (), "kl"))
-            for method, extra, score in methods:
-                name = f"{method}-{quantizer}"
-                plan, data, search_s = plan_for(work, name, quantizer, budget, args, log,
-                                                extra, score)
-                settings = {**common, "score": score, "compressions": COMPRESSIONS,
-                            "allowed_bits": SWEEPS[quantizer]["widths"],
-                            "search_samples": SEARCH_SAMPLES, "search_seconds": search_s,
-                            **measured_settings(data)}
-                if (method == "alloc_m" and len({l["bits"] for l in data["layers"]}) == 1
-                        and data["achieved_bits"] == rows[-1]["avg_bits"]):
-                    # every part at the uniform width: the plan is the uniform model
-                    rows += [{**r, "method": method, "quant_seconds": round(
-                        search_s + uniform_s, 1), "settings": {**r["settings"], **settings,
-                                                              "identical_to": "uniform"}}
-                             for r in rows if r["method"] == "uniform"
-                             and r["settings"].get("setting") == budget
-                             and r["settings"].get("quantizer") == quantizer]
-                    continue
-                out, seconds = quantize_plan(work, name, quantizer, budget, plan, data, args,
-                                             log)
-                rows += row(method, avg_bits_of(out), evaluate(out, work, args),
-                            search_s + seconds, peak_of(out), out, args, **settings)
-                print(f"{method} {quantizer} {budget}: {avg_bits_of(out):.4f} bits "
-                      f"({search_s + seconds:.0f} s)", flush=True)
-                write(rows, args)
-                if method == "casp_m" and budget in args.finetune:
-                    for base, base_s, label in ((uniform, uniform_s, "uniform_ft"),
-                                                (out, search_s + seconds, "casp_m_ft")):
-                        ft, ft_s = finetuned(work, base, args, log)
-                        rows += row(label, avg_bits_of(ft), evaluate(ft, work, args),
-                                    base_s + ft_s, peak_of(ft), ft, args, **common,
-                                    finetune_epochs=args.ft_epochs, finetune_lr=args.ft_lr,
-                                    finetune_seconds=ft_s)
-                        write(rows, args)
+            if method == "casp_m" and budget in args.finetune:
+                for base, base_s, label in ((out, search_s + seconds, "casp_m_ft"),):
+                    ft, ft_s = finetuned(work, base, args, log)
+                    rows += row(label, avg_bits_of(ft), evaluate(ft, work, args),
+                                base_s + ft_s, peak_of(ft), ft, args, **common,
+                                finetune_epochs=args.ft_epochs, finetune_lr=args.ft_lr,
+                                finetune_seconds=ft_s)
+                    write(rows, args)
     return rows
 
 
@@ -180,11 +201,19 @@ def fisher_check(work: Path) -> dict | None:
     if not record.is_file():
         return None
     from casp.allocation.budget import SettingRules, parse_codebook_map
-    from casp.allocation.search import measured_plan
+    from casp.allocation.search import calibrate, measured_plan
     from casp.loading import load_pretrained
 
     data = json.loads(record.read_text())
     measured = {int(i): m for i, m in data["layers"].items()}
+    for results in measured.values():      # the calibrated score from the same options
+        for r in results.values():
+            for option in r.values():
+                option["exact_kl"] = option["kl"]
+        calibrate(results, lambda o: o["exact_kl"])
+        for r in results.values():
+            for option in r.values():
+                option["calibrated"], option["kl"] = option["kl"], option["exact_kl"]
     loaded = load_pretrained(MODEL, dtype="float32", device="cpu")
     sweep = SWEEPS["quip"]
     rules = SettingRules(codebooks=parse_codebook_map(sweep["codebooks"], "quip"),
@@ -198,14 +227,16 @@ def fisher_check(work: Path) -> dict | None:
         bits = uniform_setting_bits(loaded.model, loaded.spec, QuIPSetting.parse(budget),
                                     dense=True)
         sums = {}
-        for score in ("kl", "fisher"):
+        for score in ("kl", "fisher", "calibrated"):
             plan = measured_plan(loaded.model, loaded.spec, measured, rules, widths, bits,
                                  [0.5, 0.75], 8, score=score)
             sums[score] = sum(measured[r["layer"]][u][label]["kl"]
                               for r in plan.layers for u, label in r["units"].items())
         out[budget] = {"exact_plan_kl": round(sums["kl"], 6),
                        "fisher_plan_kl": round(sums["fisher"], 6),
-                       "ratio": round(sums["fisher"] / sums["kl"], 4)}
+                       "calibrated_plan_kl": round(sums["calibrated"], 6),
+                       "fisher_ratio": round(sums["fisher"] / sums["kl"], 4),
+                       "calibrated_ratio": round(sums["calibrated"] / sums["kl"], 4)}
     return out
 
 
@@ -213,8 +244,11 @@ def write(rows: list[dict], args, check: dict | None = None) -> None:
     write_results("sweep", rows, table(rows, args, check))
 
 
-NAMES = {"fp": "full precision", "uniform": "uniform", "casp_m": "CASP, measured search",
-         "alloc_m": "allocation only (ablation)", "casp_m_kl": "CASP, exact-score search",
+NAMES = {"fp": "full precision", "uniform": "uniform",
+         "casp_m": "CASP, measured search (calibrated score)",
+         "alloc_m": "allocation only (ablation)",
+         "casp_m_fisher": "CASP, measured search (Fisher score alone)",
+         "casp_m_kl": "CASP, measured search (exact score)",
          "uniform_ft": "uniform + end-to-end fine-tuning",
          "casp_m_ft": "CASP measured + end-to-end fine-tuning"}
 
@@ -241,9 +275,10 @@ def table(rows: list[dict], args, check: dict | None) -> str:
     if check:
         lines += ["", "The Fisher score's plans against the exact score's, on the exact "
                   "divergences of the same measured options (QuIP#):", "",
-                  "| budget | summed KL, exact plan | summed KL, Fisher plan | ratio |",
+                  "| budget | exact score's plan | Fisher score's plan | calibrated score's plan |",
                   "|---|---|---|---|"]
-        lines += [f"| {b} | {c['exact_plan_kl']} | {c['fisher_plan_kl']} | {c['ratio']} |"
+        lines += [f"| {b} | {c['exact_plan_kl']} | {c['fisher_plan_kl']} (x{c['fisher_ratio']}) "
+                  f"| {c['calibrated_plan_kl']} (x{c['calibrated_ratio']}) |"
                   for b, c in check.items()]
     return "\n".join(lines) + "\n"
 
@@ -276,11 +311,13 @@ def plot(rows: list[dict]) -> None:
 
 def main() -> None:
     p = quality_parser(__doc__)
-    p.add_argument("--quantizers", nargs="+", default=["quip", "gptq"], choices=list(SWEEPS),
-                   help="quantizers to sweep (default: quip gptq)")
+    p.add_argument("--runs", nargs="+", type=run_of, default=[
+                       (q, b) for q in ("quip", "gptq") for b in SWEEPS[q]["budgets"]],
+                   help="QUANTIZER:BUDGET pairs to run, in order (default: every budget of "
+                        "QuIP# then GPTQ; AQLM's, e.g. aqlm:2x8, on request)")
     p.add_argument("--finetune", nargs="*", default=["e8p12"],
-                   help="budgets whose uniform and casp_m rows also run end-to-end fine-tuned "
-                        "(default: e8p12)")
+                   help="budgets whose casp_m row also runs end-to-end fine-tuned (default: "
+                        "e8p12)")
     p.add_argument("--ft-epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
     p.add_argument("--ft-lr", type=float, default=1e-4,
                    help="fine-tuning learning rate (default 1e-4)")

@@ -359,3 +359,25 @@ def test_without_lowrank_solves_the_same_measurements_densely(measured_run, tmp_
     assert all(r["lowrank"] is None for r in plan.layers)
     assert all(label.startswith("dense") for r in plan.layers for label in r["units"].values())
     assert not plan.meta["lowrank"]["ranks"] and plan.achieved_bits <= 3.6
+
+
+def test_calibrated_score_measures_one_option_per_family(tiny_llama, monkeypatch):
+    """The default score: per part and family (dense at every width) the lowest width is
+    measured exactly, the others' Fisher estimates scaled by that ratio."""
+    src, calib_txt = tiny_llama
+    loaded, _, ctx = _context(src, calib_txt)
+    calls = []
+    exact = SensitivityPass._divergence
+
+    def counted(self, ctx, layer):
+        calls.append(layer)
+        return exact(self, ctx, layer)
+
+    monkeypatch.setattr(SensitivityPass, "_divergence", counted)
+    search = _search(loaded, measure_batches=2, score="calibrated")
+    search.process(ctx)
+    assert len(calls) == 3                                   # one per part
+    for part in search.measured[1].values():
+        low, high = part["dense@2"], part["dense@4"]
+        assert low["kl"] == low["exact"] > 0
+        assert high["kl"] == pytest.approx(high["fisher"] * low["exact"] / low["fisher"])

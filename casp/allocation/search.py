@@ -15,7 +15,11 @@ takes the low-rank stage as given. Here the options are built for real and measu
                          order from the diagonal Fisher of the next-token distributions
                          with respect to layer i's output (score "fisher",
                          casp.allocation.fisher: one backward pass of the model for all
-                         layers, then one forward of the layer per option)
+                         layers, then one forward of the layer per option), by default
+                         with each family of options (a part dense at every width, or
+                         low-rank at one compression) scaled by one exact measurement
+                         (score "calibrated": the diagonal misses correlations, most for
+                         low-rank W_q/W_k)
 
 then the multiple-choice knapsack (:func:`casp.allocation.solve_choices`) picks one option
 per part minimising the summed divergence at the budget. W_q/W_k are low-rank only where
@@ -29,8 +33,8 @@ Approximations, for speed: each width's quantized linears come from one quantiza
 whole layer, every linear's Hessian from the full-precision layer's inputs (one forward per
 layer shared by every width), and the parts' divergences are taken as additive. Cost: each
 layer is quantized once per width (the low-rank factors once more); with the exact score the
-layers after it run once per option on the measured samples, with the Fisher score only the
-layer does.
+layers after it run once per option on the measured samples, with the calibrated score once
+per family (4 times a layer with two compressions), with the Fisher score never.
 """
 from __future__ import annotations
 
@@ -70,7 +74,7 @@ def _width(label: str) -> int:
     return int(label.rsplit("@", 1)[1])
 
 
-SCORES = ("fisher", "kl")
+SCORES = ("calibrated", "fisher", "kl")
 QK = "qk"
 UNIT_NAMES = {QK: "W_q/W_k (bits or low-rank)", "self_attn": "W_v/W_o bits", "mlp": "MLP bits"}
 
@@ -101,8 +105,8 @@ class SensitivityPass(LayerPass):
     """Measures every option of every part of every layer; changes nothing (the next layer
     sees the original outputs). ``measured[i]`` after the walk:
     {part: {label: {"kl", "fisher", "shapes", "ranks"}}}, labels "dense@3",
-    "lowrank0.75@4": "kl" the score the plan is solved on (the exact divergence with score
-    "kl", the Fisher estimate with score "fisher"), "fisher" always the Fisher estimate.
+    "lowrank0.75@4": "kl" the score the plan is solved on (see ``score``), "fisher" always
+    the Fisher estimate (and "exact" where the calibrated score measured it).
 
     Args:
         model: the whole model (the layers after the current one, the final norm and the
@@ -118,8 +122,9 @@ class SensitivityPass(LayerPass):
             search resumes, and a plan at another budget reuses them.
         identity: what the measurements are of (model, calibration): a record of anything
             else is not reused.
-        score: "fisher" (the second-order estimate; the default) or "kl" (the layers after
-            each option run: exact, slower).
+        score: "calibrated" (the default: Fisher estimates, each family of options scaled
+            by one exact measurement), "fisher" (the estimates alone) or "kl" (the layers
+            after every option run: exact, slower).
         fisher_samples: next-token draws per position for the Fisher.
     """
 
@@ -130,7 +135,7 @@ class SensitivityPass(LayerPass):
                  quantizer_settings: dict, rules: SettingRules, widths: list[int],
                  compressions: list[float], rank_multiple: int = 1, measure_batches: int = 1,
                  record: str | Path | None = None, identity: dict | None = None,
-                 score: str = "fisher", fisher_samples: int = 4):
+                 score: str = "calibrated", fisher_samples: int = 4):
         if measure_batches < 1:
             raise CaspError("--search-samples must be at least 1")
         if score not in SCORES:
@@ -239,7 +244,7 @@ class SensitivityPass(LayerPass):
         if self.fishers is None:
             self.fishers = layer_output_fishers(self.model, ctx.spec, ctx, self.measure_batches,
                                                 self.fisher_samples)
-        if self.reference is not None or self.score != "kl":
+        if self.reference is not None or self.score == "fisher":
             return
         self.reference = []
         for j in range(min(self.measure_batches, len(ctx.inputs.hidden))):
@@ -278,25 +283,29 @@ class SensitivityPass(LayerPass):
         fisher = self.fishers.pop(ctx.index)
         reference = self._layer_outputs(ctx, ctx.layer)
 
-        def variant(parts: dict[str, nn.Module]) -> dict[str, float]:
-            """The scores of the full-precision layer but for ``parts`` (relative name ->
-            module): the Fisher estimate, and the one the plan uses."""
+        def variant(parts: dict[str, nn.Module]) -> nn.Module:
+            """The full-precision layer but for ``parts`` (relative name -> module)."""
             layer = copy.deepcopy(ctx.layer)
             for n, module in parts.items():
                 layer.set_submodule(n, copy.deepcopy(module))
+            return layer
+
+        def scored(parts: dict[str, nn.Module]) -> dict[str, float]:
+            """The option's Fisher estimate, and its exact divergence with score "kl"."""
+            layer = variant(parts)
             estimate = fisher_divergence(fisher, reference, self._layer_outputs(ctx, layer))
             if not math.isfinite(estimate):
                 raise CaspError(f"layer {ctx.index}: an option made the layer's outputs "
                                 "non-finite (an overflow at this dtype?); rerun with --dtype "
                                 "float32")
             exact = self._divergence(ctx, layer) if self.score == "kl" else estimate
-            return {"kl": exact, "fisher": estimate}
+            return {"kl": exact, "fisher": estimate, "parts": parts}
 
         results: dict[str, dict] = {u: {} for u in units}
         for u, members in units.items():
             for b in self.widths:
                 results[u][option_label(None, b)] = {
-                    **variant({n: quantized[b].get_submodule(n) for n in members}),
+                    **scored({n: quantized[b].get_submodule(n) for n in members}),
                     "shapes": layer_shapes(ctx, ctx.layer, members), "ranks": {}}
         targets = ctx.spec.lowrank_targets
         for c in self.compressions:
@@ -321,8 +330,13 @@ class SensitivityPass(LayerPass):
                 parts = {t: factors[w].get_submodule(t) for t in cut}
                 parts.update({t: quantized[w].get_submodule(t) for t in targets if t not in cut})
                 results[QK][option_label(c, w)] = {
-                    **variant(parts), "shapes": layer_shapes(ctx, lowrank, lr_members),
+                    **scored(parts), "shapes": layer_shapes(ctx, lowrank, lr_members),
                     "ranks": ranks}
+        if self.score == "calibrated":
+            calibrate(results, lambda o: self._divergence(ctx, variant(o["parts"])))
+        for r in results.values():
+            for option in r.values():
+                del option["parts"]
         self.measured[ctx.index] = results
         self._grams = {}
         self._save_record()
@@ -330,6 +344,26 @@ class SensitivityPass(LayerPass):
                             for u, r in results.items())
         log.info("layer %d measured in %.1f s: KL %s", ctx.index, time.perf_counter() - start,
                  summary)
+
+
+def calibrate(results: dict, exact_of: Callable[[dict], float]) -> None:
+    """Score "calibrated", in place on one layer's results {part: {label: option}}: in each
+    family of a part's options (dense at every width; low-rank at one compression, its
+    factors at every width) the option at the lowest width is measured exactly
+    (``exact_of(option)``), and the family's Fisher estimates are scaled by its exact /
+    estimate ratio. The diagonal Fisher misses the correlations of a change (a low-rank
+    W_q/W_k's most), by a factor about the same across a family."""
+    for r in results.values():
+        families: dict[str, list[str]] = {}
+        for label in r:
+            families.setdefault(label.rsplit("@", 1)[0], []).append(label)
+        for labels in families.values():
+            anchor = r[min(labels, key=_width)]
+            exact = exact_of(anchor)
+            ratio = exact / anchor["fisher"] if anchor["fisher"] > 0 else 1.0
+            for label in labels:
+                r[label]["kl"] = r[label]["fisher"] * ratio
+            anchor["kl"] = anchor["exact"] = exact
 
 
 def check_feasible(model: nn.Module, spec, rules: SettingRules, widths: list[int],

@@ -204,13 +204,16 @@ def add_parser(sub) -> None:
                    help="with --measured: calibration samples (text windows or image samples) "
                         "whose output divergence is measured, rounded up to whole batches of "
                         "--batch-size; the quantizers use every sample (default: 8)")
-    p.add_argument("--search-score", choices=["fisher", "kl"], default="fisher",
+    p.add_argument("--search-score", choices=["calibrated", "fisher", "kl"],
+                   default="calibrated",
                    help="with --measured: how an option's output divergence is scored: fisher "
                         "= the second-order estimate from the diagonal Fisher of the "
                         "next-token distributions with respect to the layer's output (one "
-                        "backward pass of the model, then one forward of the layer per option; "
-                        "default), kl = measured by running every later layer per option "
-                        "(exact, slower)")
+                        "backward pass of the model, then one forward of the layer per "
+                        "option); calibrated = those estimates, each family of options (a part "
+                        "dense at every width, or low-rank at one compression) scaled by one "
+                        "exact measurement (default); kl = measured by running every later "
+                        "layer per option (exact, slower)")
     p.add_argument("--fisher-samples", type=positive, default=4,
                    help="with --search-score fisher: next-token draws per position for the "
                         "Fisher (default: 4)")
