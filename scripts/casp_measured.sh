@@ -2,7 +2,10 @@
 # CASP with the measured search (beyond the paper): instead of low-rank W_q/W_k in every
 # layer and a block-influence bit plan, every layer's options (W_q/W_k dense or low-rank at
 # LOWRANK_OPTIONS, each width of ALLOWED_BITS) are built with the quantizer and scored by the
-# KL divergence they cause in the model's output; the knapsack picks one per layer at BUDGET.
+# KL divergence they cause in the model's output (SEARCH_SCORE: calibrated Fisher estimates by
+# default); the knapsack picks one per part at BUDGET. The settings that won on SmolLM2
+# (bench/sweep.py): LOWRANK_OPTIONS=0.5,0.75 with the factors at each width (FACTOR_BITS=0).
+# FINETUNE_EPOCHS=2 adds casp finetune (end-to-end, off by default as in the paper).
 #   1. casp allocate --measured --lowrank-options   the plan, from the ORIGINAL model
 #   2. casp lowrank --plan                          the W_q/W_k the plan chose, at its ranks
 #   3. casp gptq | aqlm | quip --plan               the quantizer with the plan
@@ -22,9 +25,11 @@ case "$QUANTIZER" in
   *) echo "casp: error: QUANTIZER=$QUANTIZER is not gptq, aqlm or quip" >&2; exit 2 ;;
 esac
 ALLOWED_BITS=${ALLOWED_BITS:-2,3}                   # the widths the paper's code used
-FACTOR_BITS=${FACTOR_BITS:-3}                       # low-rank factors (0: the layer's width)
+FACTOR_BITS=${FACTOR_BITS:-0}                       # low-rank factors (0: each width)
 GROUP_SIZE=${GROUP_SIZE:-128}                       # GPTQ only
-LOWRANK_OPTIONS=${LOWRANK_OPTIONS:-0.75}            # compressions a layer may take (paper: 0.75)
+LOWRANK_OPTIONS=${LOWRANK_OPTIONS:-0.5,0.75}        # compressions a layer may take (paper: 0.75)
+SEARCH_SCORE=${SEARCH_SCORE:-calibrated}            # calibrated | fisher | kl (exact, slower)
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-0}               # end-to-end fine-tuning after (0: off)
 RANK_MULTIPLE=${RANK_MULTIPLE:-8}
 SEARCH_SAMPLES=${SEARCH_SAMPLES:-8}                 # samples whose output KL is measured
 DATASET=${DATASET:-c4}
@@ -43,7 +48,7 @@ if [ ! -f "$PLAN" ]; then
     --budget "$BUDGET" --bits "$ALLOWED_BITS" --group-size "$GROUP_SIZE" \
     --factor-bits "$FACTOR_BITS" ${books[@]+"${books[@]}"} --measured \
     --lowrank-options "$LOWRANK_OPTIONS" --rank-multiple "$RANK_MULTIPLE" \
-    --search-samples "$SEARCH_SAMPLES" "${calib[@]}"
+    --search-samples "$SEARCH_SAMPLES" --search-score "$SEARCH_SCORE" "${calib[@]}"
 fi
 source_model=$MODEL
 if ! grep -q '"ranks": {}' "$PLAN"; then          # the plan cut some W_q/W_k
@@ -52,3 +57,7 @@ if ! grep -q '"ranks": {}' "$PLAN"; then          # the plan cut some W_q/W_k
 fi
 "$CASP" "$QUANTIZER" --model "$source_model" --plan "$PLAN" --output "$OUTPUT" "${calib[@]}" \
   ${EXTRA:-}
+if [ "$FINETUNE_EPOCHS" != 0 ]; then
+  "$CASP" finetune --model "$OUTPUT" --teacher "$MODEL" --output "$OUTPUT-ft" \
+    --epochs "$FINETUNE_EPOCHS" "${calib[@]}"
+fi

@@ -159,14 +159,17 @@ def test_quip_end_to_end_script_on_a_tiny_llama(tmp_path, calib_txt):
 
 
 def test_measured_script_on_a_tiny_llama(tmp_path, calib_txt):
-    """scripts/casp_measured.sh: measured plan -> lowrank --plan -> GPTQ, at the budget."""
+    """scripts/casp_measured.sh: measured plan -> lowrank --plan -> GPTQ, at the budget,
+    then end-to-end fine-tuning."""
     src = save_tiny("llama", tmp_path / "base")
     out = tmp_path / "casp-m"
     res = run_script("scripts/casp_measured.sh", {
         "MODEL": str(src), "OUTPUT": str(out), "DATASET": str(calib_txt), "NSAMPLES": "8",
         "SEQLEN": "32", "BATCH_SIZE": "4", "SEARCH_SAMPLES": "4", "GROUP_SIZE": "32",
-        "BUDGET": "3.1", "ALLOWED_BITS": "2,3", "RANK_MULTIPLE": "1"})
+        "BUDGET": "3.1", "ALLOWED_BITS": "2,3", "RANK_MULTIPLE": "1", "FINETUNE_EPOCHS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
+    tuned = json.loads((tmp_path / "casp-m-ft" / "config.json").read_text())["casp"]
+    assert [s["stage"] for s in tuned["stages"]] == ["lowrank", "gptq", "finetune"]
     plan = json.loads(Path(f"{out}.plan.json").read_text())
     section = json.loads((out / "config.json").read_text())["casp"]
     assert [s["stage"] for s in section["stages"]] == ["lowrank", "gptq"]
