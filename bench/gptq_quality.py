@@ -201,15 +201,15 @@ def row_key(r: dict) -> tuple:
     return (r["method"], s.get("codebook") or s.get("setting"), r.get("corpus") or r.get("task"))
 
 
-def merged_rows(name: str, rows: list[dict]) -> list[dict]:
+def merged_rows(name: str, rows: list[dict], key=row_key) -> list[dict]:
     """The committed rows of bench/results/<name>.json with ``rows`` in place of those of
-    the same method, setting and corpus (new ones appended): a run of some methods only
-    keeps the others' measurements."""
+    the same ``key`` (method, setting and corpus by default; new ones appended): a run of
+    some methods only keeps the others' measurements."""
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text()) if path.is_file() else []
-    new = {row_key(r): r for r in rows}
-    result = [new.pop(row_key(r), r) for r in old]
-    return result + [r for r in rows if row_key(r) in new]
+    new = {key(r): r for r in rows}
+    result = [new.pop(key(r), r) for r in old]
+    return result + [r for r in rows if key(r) in new]
 
 
 def avg_bits_of(checkpoint: Path) -> float:

@@ -12,19 +12,26 @@ stored bits are the budget of:
                 lowrank --plan; the quantizer with the plan
     alloc_m     the ablation: the same measurements solved without the low-rank options
                 (--without-lowrank), the quantizer with that plan on the original model
+    paper       the paper's recipe: casp lowrank --compression 0.75 in every layer, the
+                block-influence allocation (casp allocate, factors 3-bit), the quantizer
+                with the plan
     casp_m_fisher, casp_m_kl
                 (first QuIP# budget) the plan from the Fisher estimates alone
                 (--search-score fisher), and from the exact divergences (--search-score kl,
                 the layers after each option run), to check the cheaper scores' plans
     casp_m_ft   (budgets in --finetune) casp finetune on casp_m: the codes kept, the
                 continuous parameters fitted end to end to the full-precision model
+    uniform_ft  (the same budgets) casp finetune on the uniform model
 One search per quantizer and group size serves every budget (its measurements file is
 reused); its time is counted in full in every casp_m and alloc_m row. Same calibration
 (32 x 512 wiki-train tokens, seed 3) and evaluation (16 x 512 tokens of each test split)
 for every row; every stage runs as its own casp process, finished checkpoints under --work
-are reused. Writes bench/results/sweep.{json,md,png}.
+are reused. Writes bench/results/sweep.{json,md,png}: the rows of the budgets and methods run
+replace the committed ones of the same quantizer, budget, method and corpus, the others are
+kept.
 
     .venv/bin/python bench/sweep.py [--runs quip:e8p12 gptq:3@128 ...] [--finetune e8p12]
+                                    [--methods uniform paper ...]
 """
 from __future__ import annotations
 
@@ -36,7 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_quality import (MODEL, ROOT, avg_bits_of, calib_flags,  # noqa: E402
                           calibration_note, casp, evaluate, lowrank_note, measured_settings,
-                          peak_of, quality_parser, row, stage_seconds, write_results)
+                          merged_rows, peak_of, quality_parser, row, stage_seconds,
+                          write_results)
 
 SWEEPS = {
     "gptq": {"budgets": ["2@128", "2@64", "3@128", "4@128"], "widths": "2,3,4,5"},
@@ -46,6 +54,10 @@ SWEEPS = {
 }
 COMPRESSIONS = "0.5,0.75"
 SEARCH_SAMPLES = 2
+PAPER_COMPRESSION = 0.75
+PAPER_FACTOR_BITS = 3
+METHODS = ("uniform", "paper", "casp_m", "alloc_m", "casp_m_fisher", "casp_m_kl", "casp_m_ft",
+           "uniform_ft")
 
 
 def run_of(text: str) -> tuple[str, str]:
@@ -137,6 +149,34 @@ def finetuned(work: Path, checkpoint: Path, args, log: Path) -> tuple[Path, floa
     return out, stage_seconds(out, "finetune")
 
 
+def paper_recipe(work: Path, quantizer: str, budget: str, args, log: Path
+                 ) -> tuple[Path, dict, float]:
+    """The paper's recipe at one budget: 75% low-rank W_q/W_k in every layer (one stage for
+    every budget), the block-influence plan, the quantizer with it; the checkpoint, the
+    plan's data and the seconds of every stage."""
+    lowrank = work / f"lowrank{int(PAPER_COMPRESSION * 100)}-m8"
+    casp("lowrank", "--model", MODEL, "--output", lowrank, "--compression", PAPER_COMPRESSION,
+         "--rank-multiple", 8, *calib_flags(args), log=log)
+    sweep = SWEEPS[quantizer]
+    flags = ["--quantizer", quantizer, "--budget", budget, "--bits", sweep["widths"],
+             "--factor-bits", PAPER_FACTOR_BITS]
+    if quantizer == "gptq":
+        flags += ["--group-size", budget.split("@")[1], "--factor-group-size", -1]
+    else:
+        flags += ["--codebooks", sweep["codebooks"]]
+    plan = work / f"plan-paper-{quantizer}-{budget}.json"
+    if not plan.is_file():
+        casp("allocate", "--model", lowrank, "--output", plan, *flags, *calib_flags(args),
+             log=log)
+    data = json.loads(plan.read_text())
+    out = work / f"paper-{quantizer}-{budget}"
+    casp(quantizer, "--model", lowrank, "--output", out, "--plan", plan,
+         *uniform_flags(quantizer, budget), *calib_flags(args), log=log)
+    seconds = (stage_seconds(lowrank, "lowrank") + data["importance"]["seconds"]
+               + stage_seconds(out, quantizer))
+    return out, data, seconds
+
+
 def run(args) -> list[dict]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -145,19 +185,37 @@ def run(args) -> list[dict]:
     for quantizer, budget in args.runs:
         k = SWEEPS[quantizer]["budgets"].index(budget)
         common = {"quantizer": quantizer, "setting": budget}
-        uniform = work / f"uniform-{quantizer}-{budget}"
-        casp(quantizer, "--model", MODEL, "--output", uniform,
-             *uniform_flags(quantizer, budget), *calib_flags(args), log=log)
-        uniform_s = stage_seconds(uniform, quantizer)
-        rows += row("uniform", avg_bits_of(uniform), evaluate(uniform, work, args),
-                    uniform_s, peak_of(uniform), uniform, args, **common)
-        write(rows, args)
+        uniform, uniform_s = work / f"uniform-{quantizer}-{budget}", 0.0
+        if {"uniform", "uniform_ft", "alloc_m"} & set(args.methods):
+            casp(quantizer, "--model", MODEL, "--output", uniform,
+                 *uniform_flags(quantizer, budget), *calib_flags(args), log=log)
+            uniform_s = stage_seconds(uniform, quantizer)
+            rows += row("uniform", avg_bits_of(uniform), evaluate(uniform, work, args),
+                        uniform_s, peak_of(uniform), uniform, args, **common)
+            write(rows, args)
+        if budget in args.finetune and "uniform_ft" in args.methods:
+            ft, ft_s = finetuned(work, uniform, args, log)
+            rows += row("uniform_ft", avg_bits_of(ft), evaluate(ft, work, args),
+                        uniform_s + ft_s, peak_of(ft), ft, args, **common,
+                        finetune_epochs=args.ft_epochs, finetune_lr=args.ft_lr,
+                        finetune_seconds=ft_s)
+            write(rows, args)
+        if "paper" in args.methods:
+            out, data, seconds = paper_recipe(work, quantizer, budget, args, log)
+            rows += row("paper", avg_bits_of(out), evaluate(out, work, args), seconds,
+                        peak_of(out), out, args, **common, compression=PAPER_COMPRESSION,
+                        factor_bits=PAPER_FACTOR_BITS, allowed_bits=SWEEPS[quantizer]["widths"],
+                        importance=data["importance"]["method"], **measured_settings(data))
+            print(f"paper {quantizer} {budget}: {avg_bits_of(out):.4f} bits ({seconds:.0f} s)",
+                  flush=True)
+            write(rows, args)
         # (method, extra flags, score, file stem)
         methods = [("casp_m", (), "calibrated", "casp_cal"),
                    ("alloc_m", ("--without-lowrank",), "calibrated", "alloc_cal")]
         if quantizer == "quip" and k == 0:
             methods += [("casp_m_fisher", (), "fisher", "casp_m"),
                         ("casp_m_kl", (), "kl", "casp_m_kl")]
+        methods = [m for m in methods if m[0] in args.methods]
         for method, extra, score, stem in methods:
             name = f"{stem}-{quantizer}"
             plan, data, search_s = plan_for(work, name, quantizer, budget, args, log,
@@ -183,7 +241,7 @@ def run(args) -> list[dict]:
             print(f"{method} {quantizer} {budget}: {avg_bits_of(out):.4f} bits "
                   f"({search_s + seconds:.0f} s)", flush=True)
             write(rows, args)
-            if method == "casp_m" and budget in args.finetune:
+            if method == "casp_m" and budget in args.finetune and "casp_m_ft" in args.methods:
                 for base, base_s, label in ((out, search_s + seconds, "casp_m_ft"),):
                     ft, ft_s = finetuned(work, base, args, log)
                     rows += row(label, avg_bits_of(ft), evaluate(ft, work, args),
@@ -240,11 +298,78 @@ def fisher_check(work: Path) -> dict | None:
     return out
 
 
-def write(rows: list[dict], args, check: dict | None = None) -> None:
-    write_results("sweep", rows, table(rows, args, check))
+EXTRAPOLATION_TRIALS = {"gptq": [[3], [2, 4], [3, 4]], "quip": [[2], [3], [2, 3]]}
+ANCHORS = 3
+
+
+def extrapolation_check(work: Path) -> dict:
+    """What measuring fewer widths would cost the plans, on the full measurements of each
+    search run here: every layer but ``ANCHORS`` spread ones keeps only the options at the
+    widths of a trial, the rest are extrapolated (casp.allocation.search.extrapolate_widths),
+    and the plan solved on that is scored on the measured divergences of the options it
+    chose, against the plan solved on every measurement."""
+    from casp.allocation.budget import SettingRules, parse_codebook_map, uniform_setting_bits
+    from casp.allocation.budget import uniform_average_bits
+    from casp.allocation.search import anchor_layers, measured_plan
+    from casp.loading import load_pretrained
+    from casp.quant.quip.setting import QuIPSetting
+
+    loaded = load_pretrained(MODEL, dtype="float32", device="cpu")
+    out = {}
+    for record in sorted(work.glob("*-calibrated.measured.json")):
+        tag = record.name.split("-calibrated")[0]
+        quantizer = tag.split("-")[0]
+        if quantizer not in EXTRAPOLATION_TRIALS:
+            continue
+        sweep = SWEEPS[quantizer]
+        widths = [int(w) for w in sweep["widths"].split(",")]
+        measured = {int(i): m for i, m in json.loads(record.read_text())["layers"].items()}
+        if quantizer == "gptq":
+            group = int(tag.split("-g")[1])
+            rules = SettingRules(group, None, -1, True, None)
+            budgets = {b: uniform_average_bits(loaded.model, loaded.spec, int(b.split("@")[0]),
+                                               group, g_idx=True, dense=True)
+                       for b in sweep["budgets"] if b.endswith(f"@{group}")}
+        else:
+            rules = SettingRules(codebooks=parse_codebook_map(sweep["codebooks"], quantizer),
+                                 factor_bits=None)
+            budgets = {b: uniform_setting_bits(loaded.model, loaded.spec, QuIPSetting.parse(b),
+                                               dense=True) for b in sweep["budgets"]}
+        anchors = set(anchor_layers(len(measured), ANCHORS))
+
+        def plan_kl(m):
+            plan = measured_plan(loaded.model, loaded.spec, m, rules, widths, bits,
+                                 [0.5, 0.75], 8)
+            return sum(measured[r["layer"]][u][label]["kl"]
+                       for r in plan.layers for u, label in r["units"].items())
+
+        for budget, bits in budgets.items():
+            full = plan_kl(measured)
+            row = {"full_plan_kl": round(full, 6)}
+            for trial in EXTRAPOLATION_TRIALS[quantizer]:
+                kept = {i: m if i in anchors else
+                        {u: {k: v for k, v in r.items() if int(k.rsplit("@", 1)[1]) in trial}
+                         for u, r in m.items()} for i, m in measured.items()}
+                row[",".join(map(str, trial))] = round(plan_kl(kept) / full, 4)
+            out[f"{tag} {budget}"] = row
+    return out
+
+
+def sweep_key(r: dict) -> tuple:
+    s = r["settings"]
+    return (s.get("quantizer"), s.get("setting"), r["method"], r["corpus"])
+
+
+def write(rows: list[dict], args, check: dict | None = None) -> list[dict]:
+    """The committed rows with these in place of the same quantizer, budget, method and
+    corpus (new ones appended); returns what was written."""
+    merged = merged_rows("sweep", rows, key=sweep_key)
+    write_results("sweep", merged, table(merged, args, check))
+    return merged
 
 
 NAMES = {"fp": "full precision", "uniform": "uniform",
+         "paper": "the paper's recipe (75% low-rank everywhere, block influence)",
          "casp_m": "CASP, measured search (calibrated score)",
          "alloc_m": "allocation only (ablation)",
          "casp_m_fisher": "CASP, measured search (Fisher score alone)",
@@ -260,7 +385,14 @@ def table(rows: list[dict], args, check: dict | None) -> str:
         by.setdefault((s.get("quantizer"), s.get("setting"), r["method"]), {})[r["corpus"]] = r
     lines = ["| quantizer | budget | method | avg bits | PPL wiki | PPL lee | time (s) | "
              "what the plan chose |", "|---|---|---|---|---|---|---|---|"]
-    for (quantizer, budget, method), d in by.items():
+    def order(key):
+        quantizer, budget, method = key
+        if quantizer is None:
+            return (-1, 0, 0)
+        return (list(SWEEPS).index(quantizer), SWEEPS[quantizer]["budgets"].index(budget),
+                list(NAMES).index(method) if method in NAMES else len(NAMES))
+
+    for (quantizer, budget, method), d in sorted(by.items(), key=lambda kv: order(kv[0])):
         w = d["wiki"]
         s = w["settings"]
         note = "same plan as uniform" if s.get("identical_to") else lowrank_note(s).strip(" ()")
@@ -318,6 +450,9 @@ def main() -> None:
     p.add_argument("--finetune", nargs="*", default=["e8p12"],
                    help="budgets whose casp_m row also runs end-to-end fine-tuned (default: "
                         "e8p12)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="methods to run at each budget (default: all; uniform runs too where "
+                        "uniform_ft or alloc_m needs it); rows of the others stay as committed")
     p.add_argument("--ft-epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
     p.add_argument("--ft-lr", type=float, default=1e-4,
                    help="fine-tuning learning rate (default 1e-4)")
@@ -327,7 +462,13 @@ def main() -> None:
     start = time.perf_counter()
     rows = run(args)
     check = fisher_check(Path(args.work))
-    write(rows, args, check)
+    if check is None:                         # keep the committed check
+        old = (ROOT / "bench" / "results" / "sweep.check.json")
+        check = json.loads(old.read_text()) if old.is_file() else None
+    else:
+        (ROOT / "bench" / "results" / "sweep.check.json").write_text(
+            json.dumps(check, indent=1) + "\n")
+    rows = write(rows, args, check)
     plot(rows)
     print(table(rows, args, check))
     print(f"benchmark wall time {time.perf_counter() - start:.0f} s")

@@ -44,14 +44,15 @@ def layer_list(text: str | None) -> list[int] | None:
     return out
 
 
-def bits_list(text: str) -> list[int]:
+def bits_list(text: str, option: str = "--bits") -> list[int]:
     try:
         bits = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:
-        raise CaspError(f"--bits {text!r} is not a list of widths such as 2,3,4")
+        raise CaspError(f"{option} {text!r} is not a list of widths such as 2,3,4")
     bad = [b for b in bits if not 2 <= b <= 8]
     if bad or not bits:
-        raise CaspError(f"bit width {bad[0] if bad else text!r} is outside 2-8; give e.g. 2,3,4")
+        raise CaspError(f"{option}: bit width {bad[0] if bad else text!r} is outside 2-8; "
+                        "give e.g. 2,3,4")
     return bits
 
 

@@ -381,3 +381,65 @@ def test_calibrated_score_measures_one_option_per_family(tiny_llama, monkeypatch
         low, high = part["dense@2"], part["dense@4"]
         assert low["kl"] == low["exact"] > 0
         assert high["kl"] == pytest.approx(high["fisher"] * low["exact"] / low["fisher"])
+
+
+# ----------------------------------------------------------------------------- fewer widths
+
+def test_anchor_layers_spread_from_first_to_last():
+    from casp.allocation.search import anchor_layers
+
+    assert anchor_layers(30, 3) == [0, 14, 29]
+    assert anchor_layers(30, 1) == [0]
+    assert anchor_layers(4, 9) == [0, 1, 2, 3]
+    assert anchor_layers(7, 4) == [0, 2, 4, 6]
+
+
+def test_extrapolated_widths_follow_the_anchor_layers_ratios():
+    """Anchors 0 and 2 measured at 2, 3 and 4 bits, layer 1 at 3 only: its 2- and 4-bit
+    scores are its 3-bit one times the geometric mean of the anchors' ratios; measured
+    options are left as they are; a family with no anchor at a width is an error."""
+    from casp.allocation.search import extrapolate_widths
+
+    def opt(kl):
+        return {"kl": kl, "fisher": kl / 2, "shapes": {"m": [8, 8]}, "ranks": {}}
+
+    full = {w: opt(v) for w, v in ((2, 8.0), (3, 2.0), (4, 1.0))}
+    other = {w: opt(v) for w, v in ((2, 18.0), (3, 2.0), (4, 0.25))}
+    measured = {0: {"mlp": {f"dense@{w}": o for w, o in full.items()},
+                    "qk": {"lowrank0.5@3": opt(1.0)}},
+                1: {"mlp": {"dense@3": opt(5.0)}, "qk": {"lowrank0.5@3": opt(3.0)}},
+                2: {"mlp": {f"dense@{w}": o for w, o in other.items()},
+                    "qk": {"lowrank0.5@3": opt(1.0)}}}
+    out = extrapolate_widths(measured, [2, 3, 4])
+    mlp = out[1]["mlp"]
+    assert mlp["dense@3"] == measured[1]["mlp"]["dense@3"]
+    assert mlp["dense@2"]["kl"] == pytest.approx(5.0 * (4.0 * 9.0) ** 0.5)      # ratios 4, 9
+    assert mlp["dense@4"]["kl"] == pytest.approx(5.0 * (0.5 * 0.125) ** 0.5)
+    assert mlp["dense@2"]["fisher"] == pytest.approx(2.5 * 6.0)
+    assert mlp["dense@4"]["extrapolated"] and "extrapolated" not in mlp["dense@3"]
+    assert set(out[1]["qk"]) == {"lowrank0.5@3"}          # measured at one width anywhere
+    assert out[0] == measured[0]
+    with pytest.raises(CaspError, match="anchor"):
+        extrapolate_widths({0: {"mlp": {"dense@2": opt(1.0)}},
+                            1: {"mlp": {"dense@3": opt(1.0)}}}, [2, 3])
+
+
+def test_search_at_some_widths_measures_anchors_fully(tiny_llama, tmp_path):
+    """--measure-widths 3 with 2 anchor layers on a 3-layer model: layers 0 and 2 at every
+    width, layer 1 at 3 bits only (one quantization instead of three), and the plan is
+    solved on all three widths."""
+    src, calib_txt = tiny_llama
+    plan = tmp_path / "plan.json"
+    data = ["--dataset", calib_txt] + CALIB
+    assert run("allocate", "--model", src, "--output", plan, "--budget", "3.5", "--bits",
+               "2,3,4", "--group-size", "32", "--measured", "--measure-widths", "3",
+               "--anchor-layers", "2", "--search-samples", "4", *data) == 0
+    record = json.loads(plan.with_suffix(".measured.json").read_text())["layers"]
+    assert set(record["1"]["mlp"]) == {"dense@3"}
+    assert set(record["0"]["mlp"]) == set(record["2"]["mlp"]) == {"dense@2", "dense@3",
+                                                                   "dense@4"}
+    saved = BitPlan.load(plan)
+    assert set(saved.layers[1]["measured"]["mlp"]) == {"dense@2", "dense@3", "dense@4"}
+    assert saved.achieved_bits <= 3.5
+    assert run("allocate", "--model", src, "--output", tmp_path / "bad.json", "--budget", "3.5",
+               "--bits", "2,3", "--measured", "--measure-widths", "4", *data) == 2

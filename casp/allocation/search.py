@@ -126,6 +126,12 @@ class SensitivityPass(LayerPass):
             by one exact measurement), "fisher" (the estimates alone) or "kl" (the layers
             after every option run: exact, slower).
         fisher_samples: next-token draws per position for the Fisher.
+        measure_widths: the widths every layer is quantized and measured at (None: all of
+            ``widths``); the others are measured only in ``anchors`` layers spread over
+            the depth, and extrapolated elsewhere (:func:`extrapolate_widths`): each width
+            left out saves one quantization of the layer.
+        anchors: how many layers are measured at every width when ``measure_widths`` is
+            given.
     """
 
     name = "sensitivity"
@@ -135,7 +141,8 @@ class SensitivityPass(LayerPass):
                  quantizer_settings: dict, rules: SettingRules, widths: list[int],
                  compressions: list[float], rank_multiple: int = 1, measure_batches: int = 1,
                  record: str | Path | None = None, identity: dict | None = None,
-                 score: str = "calibrated", fisher_samples: int = 4):
+                 score: str = "calibrated", fisher_samples: int = 4,
+                 measure_widths: list[int] | None = None, anchors: int = 3):
         if measure_batches < 1:
             raise CaspError("--search-samples must be at least 1")
         if score not in SCORES:
@@ -143,6 +150,18 @@ class SensitivityPass(LayerPass):
         if fisher_samples < 1:
             raise CaspError("--fisher-samples must be at least 1")
         self.score, self.fisher_samples = score, fisher_samples
+        if measure_widths is not None:
+            extra = sorted(set(measure_widths) - set(widths))
+            if extra or not measure_widths:
+                raise CaspError(f"--measure-widths {','.join(map(str, measure_widths))}: give "
+                                f"some of the allowed widths --bits "
+                                f"{','.join(map(str, sorted(widths)))}")
+            if sorted(set(measure_widths)) == sorted(widths):
+                measure_widths = None
+        if measure_widths is not None and anchors < 1:
+            raise CaspError("--anchor-layers must be at least 1 with --measure-widths")
+        self.measure_widths = sorted(set(measure_widths)) if measure_widths else None
+        self.anchors = anchors
         self.model, self.quantizer, self.rules = model, quantizer, rules
         self.quantizer_settings = quantizer_settings
         self.widths, self.compressions = sorted(widths), sorted(compressions)
@@ -164,7 +183,9 @@ class SensitivityPass(LayerPass):
                 "widths": self.widths, "compressions": self.compressions,
                 "rank_multiple": self.rank_multiple, "measure_batches": self.measure_batches,
                 "score": self.score, "fisher_samples": self.fisher_samples,
-                "hessians": "full-precision layer inputs"}
+                "hessians": "full-precision layer inputs",
+                **({"measure_widths": self.measure_widths, "anchor_layers": self.anchors}
+                   if self.measure_widths else {})}
 
     # -- resume -------------------------------------------------------------------------
 
@@ -279,7 +300,11 @@ class SensitivityPass(LayerPass):
         # every width's (and the factors') quantization takes its Hessians from the
         # full-precision layer's inputs, collected once
         self._grams = ctx.input_grams(layer_linear_names(ctx.layer, ctx.spec))
-        quantized = {b: self._quantized(ctx, copy.deepcopy(ctx.layer), b) for b in self.widths}
+        n_layers = len(ctx.spec.decoder_layers(self.model))
+        widths = self.widths
+        if self.measure_widths and ctx.index not in anchor_layers(n_layers, self.anchors):
+            widths = self.measure_widths
+        quantized = {b: self._quantized(ctx, copy.deepcopy(ctx.layer), b) for b in widths}
         fisher = self.fishers.pop(ctx.index)
         reference = self._layer_outputs(ctx, ctx.layer)
 
@@ -303,7 +328,7 @@ class SensitivityPass(LayerPass):
 
         results: dict[str, dict] = {u: {} for u in units}
         for u, members in units.items():
-            for b in self.widths:
+            for b in widths:
                 results[u][option_label(None, b)] = {
                     **scored({n: quantized[b].get_submodule(n) for n in members}),
                     "shapes": layer_shapes(ctx, ctx.layer, members), "ranks": {}}
@@ -323,10 +348,10 @@ class SensitivityPass(LayerPass):
                           if unit_of(ctx.spec, n) == QK]
             # factors at fixed bits, all targets cut: one option; otherwise one per width
             fixed = self.rules.factor_bits is not None and len(cut) == len(targets)
-            widths = [self.rules.factor_bits] if fixed else self.widths
+            factor_widths = [self.rules.factor_bits] if fixed else widths
             factors = {w: self._quantized(ctx, copy.deepcopy(lowrank), w, only=cut)
-                       for w in widths}
-            for w in widths:
+                       for w in factor_widths}
+            for w in factor_widths:
                 parts = {t: factors[w].get_submodule(t) for t in cut}
                 parts.update({t: quantized[w].get_submodule(t) for t in targets if t not in cut})
                 results[QK][option_label(c, w)] = {
@@ -366,6 +391,68 @@ def calibrate(results: dict, exact_of: Callable[[dict], float]) -> None:
             anchor["kl"] = anchor["exact"] = exact
 
 
+def anchor_layers(n_layers: int, count: int) -> list[int]:
+    """``count`` layers spread evenly from the first to the last (every layer when count is
+    at least the layer count): the ones measured at every width when a search measures the
+    others at some widths only."""
+    if count >= n_layers:
+        return list(range(n_layers))
+    if count <= 1:
+        return [0]
+    return sorted({round(k * (n_layers - 1) / (count - 1)) for k in range(count)})
+
+
+def extrapolate_widths(measured: dict[int, dict], widths: list[int]) -> dict[int, dict]:
+    """The measurements with every allowed width filled in where a layer was measured at
+    some widths only: in each part, a family of options (dense, or low-rank at one
+    compression) scored at width w0 is scored at width w by its score at w0 times the ratio
+    score(w) / score(w0) of the same part and family in the layers measured at both (the
+    geometric mean over them). Filled options are marked "extrapolated"; measured ones are
+    kept as they are. The scores shrink with width about the same way in every layer (a
+    quantizer's error falls by a factor per bit that is a property of its code, not of the
+    weights), which is what lets a few layers measured at every width stand for the rest."""
+    def family(label: str) -> str:
+        return label.rsplit("@", 1)[0]
+
+    logs: dict[tuple, list[float]] = {}       # (part, family, w0, w) -> log ratios
+    seen: dict[tuple, set[int]] = {}          # (part, family) -> widths measured anywhere
+    for results in measured.values():
+        for part, r in results.items():
+            for label in r:
+                seen.setdefault((part, family(label)), set()).add(_width(label))
+            for a, oa in r.items():
+                for b, ob in r.items():
+                    if a != b and family(a) == family(b) and oa["kl"] > 0 and ob["kl"] > 0:
+                        logs.setdefault((part, family(a), _width(a), _width(b)), []).append(
+                            math.log(ob["kl"] / oa["kl"]))
+    out: dict[int, dict] = {}
+    for i, results in measured.items():
+        out[i] = {}
+        for part, r in results.items():
+            filled = dict(r)
+            for fam in {family(label) for label in r}:
+                have = {_width(label): label for label in r if family(label) == fam}
+                for w in sorted(seen[(part, fam)] & set(widths)):
+                    if w in have:
+                        continue
+                    known = [w0 for w0 in have if (part, fam, w0, w) in logs]
+                    if not known:
+                        raise CaspError(f"layer {i} {part}: no layer was measured at both "
+                                        f"{sorted(have)} and {w} bits to extrapolate from; "
+                                        "measure more anchor layers")
+                    w0 = min(known, key=lambda x: (abs(x - w), x))
+                    ratios = logs[(part, fam, w0, w)]
+                    scale = math.exp(sum(ratios) / len(ratios))
+                    base = r[have[w0]]
+                    filled[f"{fam}@{w}"] = {
+                        **base, "kl": base["kl"] * scale,
+                        "fisher": base.get("fisher", base["kl"]) * scale,
+                        "extrapolated": True}
+                    filled[f"{fam}@{w}"].pop("exact", None)
+            out[i][part] = filled
+    return out
+
+
 def check_feasible(model: nn.Module, spec, rules: SettingRules, widths: list[int],
                    compressions: list[float], rank_multiple: int, budget: float) -> None:
     """Before any measuring: every module's shape must suit every setting it may get (the
@@ -402,7 +489,9 @@ def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: Sett
     every module of the model as it will be after the chosen low-rank factorisations, each
     part's width, and the ranks. ``lowrank=False`` leaves the low-rank options out (the
     ablation: what the allocation alone buys); ``score`` is the measurement solved on
-    ("kl": the search's score; "fisher": its Fisher estimate)."""
+    ("kl": the search's score; "fisher": its Fisher estimate). Widths a layer was not
+    measured at are extrapolated first (:func:`extrapolate_widths`)."""
+    measured = extrapolate_widths(measured, widths)
     if not lowrank:
         measured = {i: {u: {k: v for k, v in r.items() if k.startswith("dense")}
                         for u, r in m.items()} for i, m in measured.items()}

@@ -46,6 +46,12 @@ def cmd_allocate(args) -> int:
     if args.without_lowrank and not compressions:
         raise CaspError("--without-lowrank needs --lowrank-options (it solves the same "
                         "measurements with the low-rank options left out)")
+    measure_widths = bits_list(args.measure_widths, "--measure-widths") if args.measure_widths else None
+    if measure_widths and not args.measured:
+        raise CaspError("--measure-widths needs --measured")
+    if measure_widths and not set(measure_widths) <= set(bits):
+        raise CaspError(f"--measure-widths {args.measure_widths}: give some of the allowed "
+                        f"widths --bits {args.bits}")
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
     if compressions and any(isinstance(m, LowRankLinear) for m in loaded.model.modules()):
         raise CaspError(f"{args.model} already has low-rank modules; give --lowrank-options "
@@ -80,7 +86,8 @@ def cmd_allocate(args) -> int:
                                  identity={"model": model_identity(args.model),
                                            "calibration": calibration.as_dict(),
                                            "dtype": str(next(loaded.model.parameters()).dtype)},
-                                 score=args.search_score, fisher_samples=args.fisher_samples)
+                                 score=args.search_score, fisher_samples=args.fisher_samples,
+                                 measure_widths=measure_widths, anchors=args.anchor_layers)
         result = run_stage(loaded, "sensitivity", [search], calibration, device)
         plan = measured_plan(loaded.model, loaded.spec, search.measured, rules, bits, budget,
                              compressions, args.rank_multiple, lowrank=not args.without_lowrank)
@@ -217,6 +224,15 @@ def add_parser(sub) -> None:
     p.add_argument("--fisher-samples", type=positive, default=4,
                    help="with --search-score fisher: next-token draws per position for the "
                         "Fisher (default: 4)")
+    p.add_argument("--measure-widths", default=None, metavar="BITS",
+                   help="with --measured: quantize and measure every layer at these of the "
+                        "allowed --bits only (e.g. 3); the other widths are measured in "
+                        "--anchor-layers layers and extrapolated elsewhere by the ratio of "
+                        "scores between widths there (each width left out saves one "
+                        "quantization of every layer; default: measure every width)")
+    p.add_argument("--anchor-layers", type=positive, default=3,
+                   help="with --measure-widths: layers, spread from the first to the last, "
+                        "measured at every width (default: 3)")
     p.add_argument("--without-lowrank", action="store_true",
                    help="with --lowrank-options: solve the plan with the low-rank options "
                         "left out (the ablation: what the allocation alone buys; reuses the "
