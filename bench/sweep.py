@@ -10,6 +10,9 @@ stored bits are the budget of:
                 each layer dense or whitened low-rank at 50% or 75%, the factors at each
                 allowed width; every part's width from the measured divergences; casp
                 lowrank --plan; the quantizer with the plan
+    casp_m_fast the same search measuring every layer at one width only (--measure-widths:
+                3 for GPTQ, 2 for QuIP#), the other widths in 3 anchor layers, extrapolated
+                elsewhere; its own measurements
     alloc_m     the ablation: the same measurements solved without the low-rank options
                 (--without-lowrank), the quantizer with that plan on the original model
     paper       the paper's recipe: casp lowrank --compression 0.75 in every layer, the
@@ -56,8 +59,10 @@ COMPRESSIONS = "0.5,0.75"
 SEARCH_SAMPLES = 2
 PAPER_COMPRESSION = 0.75
 PAPER_FACTOR_BITS = 3
-METHODS = ("uniform", "paper", "casp_m", "alloc_m", "casp_m_fisher", "casp_m_kl", "casp_m_ft",
-           "uniform_ft")
+METHODS = ("uniform", "paper", "casp_m", "casp_m_fast", "alloc_m", "casp_m_fisher",
+           "casp_m_kl", "casp_m_ft", "uniform_ft")
+# casp_m_fast: every layer measured at this width only, the others in 3 anchor layers
+FAST_WIDTHS = {"gptq": "3", "quip": "2", "aqlm": "2"}
 
 
 def run_of(text: str) -> tuple[str, str]:
@@ -111,6 +116,8 @@ def plan_for(work: Path, name: str, quantizer: str, budget: str, args, log: Path
     """casp allocate --measured for one budget (the first call of a tag measures, the others
     reuse its file): the plan, its data and the search's seconds (of the measuring call)."""
     tag, flags = search_flags(quantizer, budget)
+    if "--measure-widths" in extra:         # its own measurements
+        tag += "-w" + str(extra[extra.index("--measure-widths") + 1])
     record = work / f"{tag}-{score}.measured.json"
     seconds_file = work / f"{tag}-{score}.seconds"
     plan = work / f"plan-{name}-{budget}.json"
@@ -205,12 +212,15 @@ def run(args) -> list[dict]:
             rows += row("paper", avg_bits_of(out), evaluate(out, work, args), seconds,
                         peak_of(out), out, args, **common, compression=PAPER_COMPRESSION,
                         factor_bits=PAPER_FACTOR_BITS, allowed_bits=SWEEPS[quantizer]["widths"],
-                        importance=data["importance"]["method"], **measured_settings(data))
+                        importance=data["importance"]["method"],
+                        layer_bits=[l["bits"] for l in data["layers"]])
             print(f"paper {quantizer} {budget}: {avg_bits_of(out):.4f} bits ({seconds:.0f} s)",
                   flush=True)
             write(rows, args)
         # (method, extra flags, score, file stem)
+        fast = ("--measure-widths", FAST_WIDTHS[quantizer], "--anchor-layers", ANCHORS)
         methods = [("casp_m", (), "calibrated", "casp_cal"),
+                   ("casp_m_fast", fast, "calibrated", "casp_fast"),
                    ("alloc_m", ("--without-lowrank",), "calibrated", "alloc_cal")]
         if quantizer == "quip" and k == 0:
             methods += [("casp_m_fisher", (), "fisher", "casp_m"),
@@ -224,6 +234,8 @@ def run(args) -> list[dict]:
                         "allowed_bits": SWEEPS[quantizer]["widths"],
                         "search_samples": SEARCH_SAMPLES, "search_seconds": search_s,
                         **measured_settings(data)}
+            if "--measure-widths" in extra:
+                settings.update(measure_widths=FAST_WIDTHS[quantizer], anchor_layers=ANCHORS)
             labels = {label for r in data["layers"] for label in r["units"].values()}
             if method == "alloc_m" and labels == {f"dense@{uniform_width(budget)}"}:
                 # every part at the uniform width: the plan is the uniform model
@@ -371,6 +383,7 @@ def write(rows: list[dict], args, check: dict | None = None) -> list[dict]:
 NAMES = {"fp": "full precision", "uniform": "uniform",
          "paper": "the paper's recipe (75% low-rank everywhere, block influence)",
          "casp_m": "CASP, measured search (calibrated score)",
+         "casp_m_fast": "CASP, measured search at fewer widths (--measure-widths)",
          "alloc_m": "allocation only (ablation)",
          "casp_m_fisher": "CASP, measured search (Fisher score alone)",
          "casp_m_kl": "CASP, measured search (exact score)",
@@ -404,6 +417,19 @@ def table(rows: list[dict], args, check: dict | None) -> str:
               f"{COMPRESSIONS} with factors at each width, divergences on {SEARCH_SAMPLES} "
               f"calibration windows; time: every stage of the row (the search counted in "
               f"full); {r0['machine']}; {max(r['date'] for r in rows)}."]
+    check = dict(check or {})
+    extrapolation = check.pop("extrapolation", None)
+    if extrapolation:
+        trials = sorted({k for r in extrapolation.values() for k in r} - {"full_plan_kl"})
+        lines += ["", f"Measuring fewer widths (--measure-widths W, {ANCHORS} anchor layers "
+                  "measured at every width, the rest extrapolated): summed measured divergence "
+                  "of the plan solved on that, over the plan solved on every measurement "
+                  "(a search's full record, each budget):", "",
+                  "| search, budget | full plan | " + " | ".join(f"W = {t}" for t in trials)
+                  + " |", "|---|---|" + "---|" * len(trials)]
+        lines += [f"| {k} | {r['full_plan_kl']} | "
+                  + " | ".join(f"x{r[t]}" if t in r else "-" for t in trials) + " |"
+                  for k, r in extrapolation.items()]
     if check:
         lines += ["", "The Fisher score's plans against the exact score's, on the exact "
                   "divergences of the same measured options (QuIP#):", "",
@@ -468,6 +494,13 @@ def main() -> None:
     else:
         (ROOT / "bench" / "results" / "sweep.check.json").write_text(
             json.dumps(check, indent=1) + "\n")
+    extrapolation = extrapolation_check(Path(args.work))
+    saved = ROOT / "bench" / "results" / "sweep.extrapolation.json"
+    if saved.is_file():                       # keep the searches not run this time
+        extrapolation = {**json.loads(saved.read_text()), **extrapolation}
+    if extrapolation:
+        saved.write_text(json.dumps(extrapolation, indent=1) + "\n")
+        check = {**(check or {}), "extrapolation": extrapolation}
     rows = write(rows, args, check)
     plot(rows)
     print(table(rows, args, check))
