@@ -1,7 +1,13 @@
 """Statistics of a linear's inputs, accumulated over calibration batches."""
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from casp.errors import CaspError
+
+log = logging.getLogger("casp")
 
 
 class InputGram:
@@ -23,3 +29,25 @@ class InputGram:
 
     def mean(self) -> torch.Tensor:
         return self.gram / max(self.tokens, 1)
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float, who: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; dampening grows tenfold if
+    H is still not positive definite (e.g. too few calibration tokens). GPTQ and SparseGPT
+    both update weights along its rows; ``who`` names the caller in messages."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    base = h.diagonal().mean().item()
+    for attempt in range(6):
+        damped = h + (damp * 10**attempt) * base * eye
+        low, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            # H^-1 = L^-T L^-1 from one triangular solve (much faster than cholesky_inverse)
+            low_inv = torch.linalg.solve_triangular(low, eye, upper=False)
+            upper, info = torch.linalg.cholesky_ex(low_inv.T @ low_inv, upper=True)
+            if int(info) == 0:
+                if attempt:
+                    log.warning("%s: Hessian needed dampening %.3g (asked %.3g)",
+                                who, damp * 10**attempt, damp)
+                return upper
+    raise CaspError(f"{who}: the calibration Hessian cannot be factorised (non-finite "
+                    "activations?); check the model's outputs on the calibration data")

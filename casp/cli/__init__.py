@@ -6,6 +6,7 @@ One file per group of commands, each with an ``add_parser(sub)`` that registers 
     allocate.py   casp allocate                   stage 2
     quantize.py   casp gptq | aqlm | quip         stage 3 (from casp.quant.registry), hessians
     finetune.py   casp finetune                   optional end-to-end fine-tuning
+    prune.py      casp prune | prune-search       pruning, the seed paper's TPE search
     evaluate.py   casp ppl | info | fetch
     generate.py   casp generate                   a reply to a prompt (and an image), timed
     demo.py       casp demo
@@ -19,7 +20,7 @@ import logging
 import sys
 
 from casp.cli import (allocate, demo, evaluate, finetune, generate, lmms, lowrank, mini_llava,
-                      quantize, sparsity, vqa)
+                      prune, quantize, sparsity, vqa)
 from casp.errors import CaspError
 from casp.version import __version__
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_parser(sub)
     quantize.add_parser(sub)
     finetune.add_parser(sub)
+    prune.add_parser(sub)
     evaluate.add_ppl_parser(sub)
     generate.add_parser(sub)
     demo.add_parser(sub)

@@ -170,9 +170,36 @@ def random_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
         raise CaspError(
             f"calibration text too short: {ids.numel()} tokens, fewer than {nsamples} samples x "
             f"{seqlen} tokens = {nsamples * seqlen}; lower --nsamples or --seqlen, or use more text")
+    return torch.stack([ids[s: s + seqlen]
+                        for s in random_window_starts(ids.numel(), nsamples, seqlen, seed)])
+
+
+def random_window_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
+    """Where :func:`random_windows` cuts its windows."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seqlen + 1, (nsamples,), generator=gen).tolist()
+
+
+def windows_apart(ids: torch.Tensor, seqlen: int, count: int, avoid: list[int],
+                  avoid_len: int) -> torch.Tensor:
+    """``count`` non-overlapping windows of ``seqlen`` tokens, from the end of ``ids``
+    backwards, none sharing a token with the windows of ``avoid_len`` tokens that start at
+    ``avoid`` (held-out validation text beside random calibration windows)."""
+    taken = sorted((s, s + avoid_len) for s in avoid)
+    found, end = [], ids.numel()
+    while len(found) < count and end - seqlen >= 0:
+        start = end - seqlen
+        clash = [a for a, b in taken if a < end and b > start]
+        if clash:
+            end = max(clash)       # jump below the latest overlapping window's start
+            continue
+        found.append(start)
+        end = start
+    if len(found) < count:
+        raise CaspError(f"only {len(found)} validation windows of {seqlen} tokens fit beside "
+                        f"the calibration windows; lower --val-windows or --nsamples, or use "
+                        "more text")
+    return torch.stack([ids[s: s + seqlen] for s in sorted(found)])
 
 
 def consecutive_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None

@@ -14,6 +14,7 @@ from typing import Callable
 
 from casp.errors import CaspError
 from casp.lowrank import LowRankLinear
+from casp.prune.sparse_linear import SparseLinear
 from casp.quant.aqlm import export as aqlm_export
 from casp.quant.aqlm import layer_pass as aqlm_pass
 from casp.quant.aqlm.linear import AQLMLinear
@@ -130,7 +131,7 @@ QUANTIZERS: dict[str, QuantizerSpec] = {spec.name: spec for spec in (
 
 QUANTIZER_LABELS = {name: spec.label for name, spec in QUANTIZERS.items()}
 # every module type a checkpoint can hold besides dense linears
-MODULE_CLASSES = (LowRankLinear, *(spec.module_class for spec in QUANTIZERS.values()))
+MODULE_CLASSES = (LowRankLinear, SparseLinear, *(spec.module_class for spec in QUANTIZERS.values()))
 QUANTIZED_TENSOR_SUFFIXES = tuple(f".{t}" for spec in QUANTIZERS.values()
                                   for t in spec.module_class.stored_tensors)
 

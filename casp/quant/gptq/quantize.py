@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from casp.errors import CaspError
+from casp.stats import inverse_hessian_cholesky
 
 log = logging.getLogger("casp")
 
@@ -126,27 +127,6 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return s * (codes.float() - z)
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; dampening grows tenfold if
-    H is still not positive definite (e.g. too few calibration tokens)."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    base = h.diagonal().mean().item()
-    for attempt in range(6):
-        damped = h + (damp * 10**attempt) * base * eye
-        low, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            # H^-1 = L^-T L^-1 from one triangular solve (much faster than cholesky_inverse)
-            low_inv = torch.linalg.solve_triangular(low, eye, upper=False)
-            upper, info = torch.linalg.cholesky_ex(low_inv.T @ low_inv, upper=True)
-            if int(info) == 0:
-                if attempt:
-                    log.warning("GPTQ: Hessian needed dampening %.3g (asked %.3g)",
-                                damp * 10**attempt, damp)
-                return upper
-    raise CaspError("GPTQ: the calibration Hessian cannot be factorised (non-finite "
-                    "activations?); check the model's outputs on the calibration data")
-
-
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
                   group_size: int | None = 128, act_order: bool = True,
@@ -188,7 +168,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
         pos_group = perm // g
     pos_group_list = pos_group.tolist()
 
-    U = _inverse_cholesky(H, damp)
+    U = inverse_hessian_cholesky(H, damp, "GPTQ")
     # work on W^T [in, out]: the column being quantized and the rank-1 updates of the
     # columns after it are contiguous rows
     WT = W.T.contiguous()
