@@ -178,3 +178,30 @@ def test_measured_script_on_a_tiny_llama(tmp_path, calib_txt):
     from casp.allocation import average_bits
     assert average_bits(section) == pytest.approx(plan["achieved_bits"]) and \
         plan["achieved_bits"] <= 3.1
+
+
+def test_optspa_search_and_baseline_scripts_on_a_tiny_llava(tmp_path, calib_txt):
+    src = save_tiny("llava", tmp_path / "src", layers=4)
+    small = {"MODEL": str(src), "DATASET": str(calib_txt), "NSAMPLES": "4", "SEQLEN": "32"}
+    out = tmp_path / "searched"
+    res = run_script("Optspa/scripts/search_llava.sh", {
+        **small, "OUTPUT": str(out), "BLOCKS": "2", "TRIALS": "3", "VAL_WINDOWS": "2",
+        "MODE": "fast", "TARGET": "0.6"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    profile = json.loads((tmp_path / "searched.profile.json").read_text())
+    assert profile["target"] == 0.6 and len(profile["block_ratios"]) == 2
+    assert profile["search"]["settings"]["tolerance"] == 0.005
+    assert profile["search"]["trials_completed"] == 3
+    stage = json.loads((out / "config.json").read_text())["casp"]["stages"][0]
+    prune = stage["settings"]["passes"]["prune"]
+    assert prune["method"] == "ria" and prune["profile"] is not None
+    assert stage["settings"]["calibration"]["seed"] == 0
+    assert profile["mean_sparsity"] >= 0.6 - 0.005
+
+    out = tmp_path / "sgpt"
+    res = run_script("Optspa/scripts/prune_sparsegpt_llava.sh",
+                     {**small, "OUTPUT": str(out), "NM": "2:4"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    prune = json.loads((out / "config.json").read_text())["casp"]["stages"][0]["settings"][
+        "passes"]["prune"]
+    assert (prune["method"], prune["nm"]) == ("sparsegpt", [2, 4])

@@ -136,6 +136,7 @@ def cmd_prune_search(args) -> int:
     from casp.loading import load_pretrained, resolve_device
     from casp.data.calibration import calibration_batches
     from casp.prune.profile import write_profile
+    from casp.pipeline import peak_rss_gb
     from casp.prune.search import PruneSearch, SearchSettings, uniform_sparsity
 
     output = Path(args.output)
@@ -165,7 +166,8 @@ def cmd_prune_search(args) -> int:
                   blocks=search.blocks, block_ratios=summary["block_ratios"],
                   search={**{k: v for k, v in summary.items() if k not in ("ratios",)},
                           "settings": vars(settings), "objective_data": val_identity,
-                          "seconds_this_run": round(seconds, 1), "study": str(study)})
+                          "seconds_this_run": round(seconds, 1),
+                          "peak_rss_gb": round(peak_rss_gb(), 2), "study": str(study)})
     uniform = summary["uniform_value"]
     times = summary["trial_seconds"]
     print(f"best of {summary['trials_completed']} trials ({summary['trials_infeasible']} "
@@ -176,7 +178,8 @@ def cmd_prune_search(args) -> int:
     print("block ratios: " + ", ".join(
         "/".join(f"{v:g}" for v in entry.values()) for entry in summary["block_ratios"]))
     if times:
-        print(f"{seconds:.1f} s this run, {sum(times) / len(times):.1f} s per trial")
+        print(f"{seconds:.1f} s this run, {sum(times) / len(times):.1f} s per trial, peak RSS "
+              f"{peak_rss_gb():.2f} GB")
     print(f"profile written to {output} (apply it: casp prune --model {args.model} --profile "
           f"{output} --output DIR); study in {study}")
     return 0
