@@ -18,7 +18,7 @@ tokens of each test split); every stage runs as its own casp process; finished c
 and profiles under --work are reused. A search row's time is the search plus its prune.
 Writes bench/results/prune_quality.{json,md,png}.
 
-    .venv/bin/python bench/prune_quality.py [--ratios 0.5 0.6 0.7] [--search 0.5 0.7]
+    .venv/bin/python bench/prune_quality.py [--ratios 0.5 0.6 0.7] [--search 0.5 0.6 0.7]
                                             [--trials 24]
 """
 from __future__ import annotations
@@ -197,8 +197,8 @@ def main() -> None:
     p = quality_parser(__doc__)
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.6, 0.7],
                    help="unstructured sparsities of the uniform rows (default: 0.5 0.6 0.7)")
-    p.add_argument("--search", type=float, nargs="*", default=[0.5, 0.7],
-                   help="targets of the searched rows (default: 0.5 0.7)")
+    p.add_argument("--search", type=float, nargs="*", default=[0.5, 0.6, 0.7],
+                   help="targets of the searched rows (default: 0.5 0.6 0.7)")
     p.add_argument("--trials", type=int, default=24,
                    help="feasible trials of each search (default: 24; the paper's 50)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "prune"),
