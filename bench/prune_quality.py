@@ -19,7 +19,7 @@ and profiles under --work are reused. A search row's time is the search plus its
 Writes bench/results/prune_quality.{json,md,png}.
 
     .venv/bin/python bench/prune_quality.py [--ratios 0.5 0.6 0.7] [--search 0.5 0.6 0.7]
-                                            [--trials 24]
+                                            [--trials 50] [--searched-only]
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_quality import (MODEL, MODEL_NAME, RESULTS, ROOT, calib_flags,  # noqa: E402
-                          calibration_note, casp, evaluate, machine, peak_of, quality_parser,
-                          stage_seconds, write_results)
+                          calibration_note, casp, evaluate, machine, merged_rows, peak_of,
+                          quality_parser, stage_seconds, write_results)
 
 UNIFORM = ("magnitude", "wanda", "ria", "sparsegpt")
 SEARCHED = ("optspa", "optspa_sparsegpt")
@@ -92,9 +92,10 @@ def search(work: Path, target: float, args) -> tuple[Path, dict]:
 def run(args) -> list[dict]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = prune_row("dense", "dense", evaluate(MODEL, work, args), None, None, None, args)
+    rows = [] if args.searched_only else prune_row("dense", "dense", evaluate(MODEL, work, args),
+                                                   None, None, None, args)
     settings = [(f"{r:g}", ["--ratio", r]) for r in args.ratios] + [("2:4", ["--nm", "2:4"])]
-    for setting, flags in settings:
+    for setting, flags in settings if not args.searched_only else []:
         for method in UNIFORM:
             out = prune(work, f"{method}-{setting.replace(':', 'of')}",
                         ["--method", method, *flags], args)
@@ -199,12 +200,18 @@ def main() -> None:
                    help="unstructured sparsities of the uniform rows (default: 0.5 0.6 0.7)")
     p.add_argument("--search", type=float, nargs="*", default=[0.5, 0.6, 0.7],
                    help="targets of the searched rows (default: 0.5 0.6 0.7)")
-    p.add_argument("--trials", type=int, default=24,
-                   help="feasible trials of each search (default: 24; the paper's 50)")
+    p.add_argument("--trials", type=int, default=50,
+                   help="feasible trials of each search (default: 50, the paper's)")
+    p.add_argument("--searched-only", action="store_true",
+                   help="run the searched rows only and merge them into the committed results "
+                        "(the dense and uniform rows kept as measured)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "prune"),
                    help="where checkpoints, profiles and logs go (reused by a rerun)")
     args = p.parse_args()
     rows = run(args)
+    if args.searched_only:
+        rows = merged_rows("prune_quality", rows,
+                           key=lambda r: (r["method"], r["setting"], r["corpus"]))
     write_results("prune_quality", rows, table(rows, args))
     plot(rows, RESULTS / "prune_quality.png")
     print(table(rows, args))

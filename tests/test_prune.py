@@ -289,10 +289,7 @@ def test_bad_search_input(models, tmp_path, calib_txt, capsys):
             "--dataset", calib_txt, *CALIB, "--val-windows", "2", "--blocks", "2"]
     assert exit_code(*base, "--target", "1.0") == 2
     assert exit_code(*base, "--score", "sparsegpt") == 2
-    # 0.98 of a row keeps 62 of 64 inputs (0.96875) and 125 of down_proj's 128 (0.9766);
-    # by weight count (28672 and 8192 a layer) the mean is 0.9705, below the target
-    assert exit_code(*base, "--target", "0.98", "--spread", "0") == 2
-    assert "the most the search space reaches is 0.9705" in capsys.readouterr().err
+    assert exit_code(*base, "--target", "0.5", "--step", "0") == 2
     assert not (tmp_path / "p.json").exists()
 
 
@@ -309,3 +306,26 @@ def test_profile_of_another_model_is_refused(models, tmp_path, calib_txt):
                "--output", tmp_path / "out", "--dataset", calib_txt, *CALIB) == 2
     assert run("prune", "--model", models["llama"], "--nm", "4:2", "--output",
                tmp_path / "out", "--dataset", calib_txt, *CALIB) == 2
+
+
+def test_prune_search_counts_the_uniform_profile_feasible_where_rounding_lowers_it(
+        models, tmp_path, calib_txt):
+    """At 0.7 each row keeps in - int(in * 0.7) weights, so the uniform profile realizes less
+    than 0.7 on these widths; it is still the first trial and the baseline of the summary."""
+    from casp.loading import load_pretrained
+    from casp.prune.profile import prunable_shapes
+    from casp.prune.search import uniform_sparsity
+
+    loaded = load_pretrained(str(models["llama"]))
+    shapes = prunable_shapes(loaded.model, loaded.spec)
+    assert uniform_sparsity(0.7, shapes) < 0.7                 # the case this test is about
+    profile = tmp_path / "profile.json"
+    assert run("prune-search", "--model", models["llama"], "--output", profile, "--target",
+               "0.7", "--blocks", "2", "--trials", "2", "--val-windows", "4", "--dataset",
+               calib_txt, *CALIB) == 0
+    found = json.loads(profile.read_text())["search"]
+    first = min(found["trials"], key=lambda t: t["number"])
+    assert first["number"] == 0 and first["params"] == {"block0": 0.7, "block1": 0.7}
+    assert found["uniform_value"] == first["value"]
+    assert all(t["mean_sparsity"] >= uniform_sparsity(0.7, shapes) - 1e-6   # 6 digits kept
+               for t in found["trials"])

@@ -2,7 +2,8 @@
 "optspa"): the Tree-structured Parzen Estimator (optuna's TPESampler) picks one pruning
 ratio per block of consecutive decoder layers (or per linear type per block), each from
 target +- spread in steps; a trial whose parameter-weighted mean sparsity is below the target
-is infeasible (pruned at once, never evaluated); a feasible one is pruned with a rule that
+is infeasible (pruned at once, never evaluated; the floor is the uniform profile's realized
+sparsity when rounding each row's cut puts that below the target); a feasible one is pruned with a rule that
 updates no weight and scored on held-out validation data. The study lives in an SQLite file
 (optuna's RDB storage): a killed search resumes where it stopped.
 
@@ -114,11 +115,11 @@ class PruneSearch:
         self.shapes = prunable_shapes(loaded.model, self.spec)
         self.n_layers = len(self.spec.decoder_layers(loaded.model))
         self.blocks, self.names = search_space(settings, self.n_layers)
-        reach = mean_sparsity({n: max(settings.choices()) for n in self.shapes}, self.shapes)
-        if reach < settings.target - settings.tolerance:
-            raise CaspError(f"--target {settings.target}: the most the search space reaches is "
-                            f"{reach:.4f} mean sparsity (ratios up to "
-                            f"{max(settings.choices())}); widen --spread")
+        # the floor a trial must reach: the target, or what the uniform profile at the target
+        # realizes when keeping in - int(in * ratio) weights a row rounds it down (so the
+        # uniform profile, always among the choices, is feasible and every target reachable)
+        self.floor = min(settings.target, uniform_sparsity(settings.target, self.shapes)) \
+            - settings.tolerance
         self.dense = {n: self._linear(n).weight.data.clone() for n in self.shapes}
         self.ranks: dict[str, torch.Tensor] | None = None
         self.storage = Path(storage)
@@ -232,7 +233,7 @@ class PruneSearch:
             ratios = self.ratios(params)
             mean = mean_sparsity(ratios, self.shapes)
             trial.set_user_attr("mean_sparsity", mean)
-            if mean < s.target - s.tolerance - 1e-12:
+            if mean < self.floor - 1e-12:
                 self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 continue
             start = time.perf_counter()
