@@ -12,6 +12,7 @@ Rows, at each unstructured sparsity of --ratios and at 2:4:
                       target +- 0.05 by 0.025, the ria score, --mode fast, validation
                       perplexity on wiki-train windows that share no token with calibration),
                       then casp prune --profile with ria (the paper's method)
+    optspa_wanda      the same profile applied with Wanda
     optspa_sparsegpt  the same profile applied with SparseGPT
 Every row: the same calibration (32 x 512 wiki-train tokens, seed 3) and evaluation (16 x 512
 tokens of each test split); every stage runs as its own casp process; finished checkpoints
@@ -34,7 +35,7 @@ from gptq_quality import (MODEL, MODEL_NAME, RESULTS, ROOT, calib_flags,  # noqa
                           quality_parser, stage_seconds, write_results)
 
 UNIFORM = ("magnitude", "wanda", "ria", "sparsegpt")
-SEARCHED = ("optspa", "optspa_sparsegpt")
+SEARCHED = {"optspa": "ria", "optspa_wanda": "wanda", "optspa_sparsegpt": "sparsegpt"}
 VAL_WINDOWS = 8
 
 
@@ -105,16 +106,8 @@ def run(args) -> list[dict]:
     for target in args.search:
         profile, data = search(work, target, args)
         found = data["search"]
-        extra = {"trials": found["trials_completed"], "infeasible": found["trials_infeasible"],
-                 "search_seconds": round(sum(found["trial_seconds"]), 1),
-                 "trial_seconds_mean": round(sum(found["trial_seconds"])
-                                             / len(found["trial_seconds"]), 2),
-                 "search_peak_mem_gb": found.get("peak_rss_gb"),
-                 "val_windows": VAL_WINDOWS, "objective_best": round(found["best_value"], 4),
-                 "objective_uniform": found["uniform_value"] and round(found["uniform_value"], 4),
-                 "block_ratios": ["/".join(f"{v:g}" for v in b.values())
-                                  for b in data["block_ratios"]]}
-        for method, score in zip(SEARCHED, ("ria", "sparsegpt")):
+        extra = search_settings(data)
+        for method, score in SEARCHED.items():
             out = prune(work, f"{method}-{target:g}", ["--method", score, "--profile", profile],
                         args)
             seconds = stage_seconds(out, "prune") + found["seconds_this_run"]
@@ -122,6 +115,39 @@ def run(args) -> list[dict]:
                               peak_of(out), args, **extra)
             print(f"{method} {target:g}: done", flush=True)
     return rows
+
+
+def search_settings(profile: dict) -> dict:
+    """What a searched row records of its search (from the profile casp prune-search wrote):
+    trials, skipped draws, time (the trials' sum; the first includes fast mode's statistics
+    pass), peak memory, the objective of the uniform and the best profile, block ratios."""
+    found = profile["search"]
+    return {"trials": found["trials_completed"], "infeasible": found["trials_infeasible"],
+            "search_seconds": round(sum(found["trial_seconds"]), 1),
+            "trial_seconds_mean": round(sum(found["trial_seconds"])
+                                        / len(found["trial_seconds"]), 2),
+            "search_peak_mem_gb": found.get("peak_rss_gb"),
+            "val_windows": found["objective_data"].get("windows"),
+            "objective_best": round(found["best_value"], 4),
+            "objective_uniform": found["uniform_value"] and round(found["uniform_value"], 4),
+            "block_ratios": ["/".join(f"{v:g}" for v in b.values())
+                             for b in profile["block_ratios"]]}
+
+
+def search_lines(searched: list[dict], objective: str) -> list[str]:
+    """The table of the searches behind ``searched`` (one row each)."""
+    if not searched:
+        return []
+    lines = ["", "| search | target | trials (infeasible skipped) | s per trial | search s | "
+                 f"search peak GB | {objective} uniform -> best | block ratios |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in searched:
+        s = r["settings"]
+        lines.append(f"| {s.get('objective', 'text')} | {r['setting']} | {s['trials']} "
+                     f"({s['infeasible']}) | {s['trial_seconds_mean']} | {s['search_seconds']} | "
+                     f"{s['search_peak_mem_gb']} | {s['objective_uniform']} -> "
+                     f"{s['objective_best']} | {', '.join(s['block_ratios'])} |")
+    return lines
 
 
 def table(rows: list[dict], args) -> str:
@@ -147,17 +173,8 @@ def table(rows: list[dict], args) -> str:
             lines.append(f"| {r['method']} | {r['setting']} | {r['sparsity']:.4f} | "
                          f"{r['weights_bytes'] / 2**20:.1f} | {r['seconds']} | "
                          f"{r['peak_mem_gb']} |")
-    searched = [r for r in rows if r["method"] == "optspa" and r["corpus"] == "wiki"]
-    if searched:
-        lines += ["", "| search target | trials (infeasible skipped) | s per trial | search s | "
-                      "search peak GB | validation ppl uniform -> best | block ratios |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in searched:
-            s = r["settings"]
-            lines.append(f"| {r['setting']} | {s['trials']} ({s['infeasible']}) | "
-                         f"{s['trial_seconds_mean']} | {s['search_seconds']} | "
-                         f"{s['search_peak_mem_gb']} | {s['objective_uniform']} -> "
-                         f"{s['objective_best']} | {', '.join(s['block_ratios'])} |")
+    lines += search_lines([r for r in rows if r["method"] == "optspa" and r["corpus"] == "wiki"],
+                          "validation ppl")
     r0 = rows[0]
     lines += ["", calibration_note(args, r0) + "; weights counted as stored (pruned linears: "
               "a bitmask plus the kept fp32 values); search validation "
@@ -174,7 +191,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     styles = {"magnitude": "v:", "wanda": "o-", "ria": "^-", "sparsegpt": "s-",
-              "optspa": "*-", "optspa_sparsegpt": "P--"}
+              "optspa": "*-", "optspa_wanda": "X--", "optspa_sparsegpt": "P--"}
     for ax, corpus in zip(axes, ("wiki", "lee")):
         for method, style in styles.items():
             pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"] == method
@@ -207,9 +224,14 @@ def main() -> None:
                         "(the dense and uniform rows kept as measured)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "prune"),
                    help="where checkpoints, profiles and logs go (reused by a rerun)")
+    p.add_argument("--replot", action="store_true",
+                   help="rebuild the table and plot from the committed results, running nothing")
     args = p.parse_args()
-    rows = run(args)
-    if args.searched_only:
+    if args.replot:
+        rows = json.loads((RESULTS / "prune_quality.json").read_text())
+    else:
+        rows = run(args)
+    if args.searched_only and not args.replot:
         rows = merged_rows("prune_quality", rows,
                            key=lambda r: (r["method"], r["setting"], r["corpus"]))
     write_results("prune_quality", rows, table(rows, args))
