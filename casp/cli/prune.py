@@ -259,10 +259,10 @@ def add_parser(sub) -> None:
                         "authors'); fast: statistics collected once, a trial only thresholds "
                         "them (default: exact)")
     s.add_argument("--tolerance", type=float, default=0.0,
-                   help="a trial is feasible at mean sparsity >= target - tolerance, or >= "
-                        "what uniform pruning at the target realizes - tolerance where rounding "
-                        "each row's cut leaves that lower (default: 0; the authors' code used "
-                        "0.005)")
+                   help="a trial is feasible at mean sparsity >= what uniform pruning at the "
+                        "target realizes (the target, or just under it where rounding each "
+                        "row's cut down leaves less) - tolerance (default: 0; the authors' code "
+                        "used 0.005)")
     s.add_argument("--trials", type=positive, default=50,
                    help="feasible trials to complete, a resumed study's included (default: 50)")
     s.add_argument("--search-seed", type=int, default=0,

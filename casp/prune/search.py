@@ -1,10 +1,10 @@
 """The adaptive-sparsity search of the seed paper (arXiv 2507.20613; its authors' code,
 "optspa"): the Tree-structured Parzen Estimator (optuna's TPESampler) picks one pruning
 ratio per block of consecutive decoder layers (or per linear type per block), each from
-target +- spread in steps; a trial whose parameter-weighted mean sparsity is below the target
-is infeasible (pruned at once, never evaluated; the floor is the uniform profile's realized
-sparsity when rounding each row's cut puts that below the target); a feasible one is pruned with a rule that
-updates no weight and scored on held-out validation data. The study lives in an SQLite file
+target +- spread in steps; a trial whose parameter-weighted mean sparsity is below what the
+uniform profile at the target realizes (rounding each row's cut down can leave that just under
+the target) is infeasible (pruned at once, never evaluated); a feasible one is pruned with a
+rule that updates no weight and scored on held-out validation data. The study lives in an SQLite file
 (optuna's RDB storage): a killed search resumes where it stopped.
 
 Two ways to run a trial:
@@ -115,11 +115,10 @@ class PruneSearch:
         self.shapes = prunable_shapes(loaded.model, self.spec)
         self.n_layers = len(self.spec.decoder_layers(loaded.model))
         self.blocks, self.names = search_space(settings, self.n_layers)
-        # the floor a trial must reach: the target, or what the uniform profile at the target
-        # realizes when keeping in - int(in * ratio) weights a row rounds it down (so the
-        # uniform profile, always among the choices, is feasible and every target reachable)
-        self.floor = min(settings.target, uniform_sparsity(settings.target, self.shapes)) \
-            - settings.tolerance
+        # the floor a trial must reach: what the uniform profile at the target realizes (at
+        # most the target: a row keeps in - int(in * ratio) weights), so the uniform profile,
+        # always among the choices, is feasible and every target reachable
+        self.floor = uniform_sparsity(settings.target, self.shapes) - settings.tolerance
         self.dense = {n: self._linear(n).weight.data.clone() for n in self.shapes}
         self.ranks: dict[str, torch.Tensor] | None = None
         self.storage = Path(storage)
