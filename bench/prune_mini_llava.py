@@ -173,10 +173,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("sparsity of the language model's decoder linears")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left",
+               bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("mini LLaVA: unstructured pruning, uniform and searched per-block ratios")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
