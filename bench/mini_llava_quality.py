@@ -160,6 +160,75 @@ def measured_rows(args) -> list[dict]:
     return rows
 
 
+def sweep_rows(args) -> list[dict]:
+    """bench/sweep.py's rows on the mini LLaVA, image-calibrated, for each QUANTIZER:BUDGET of
+    --sweep: the uniform quantizer (its row replaces the committed one of that setting),
+    casp_<q>_m (the measured search with the sweep's settings: W_q/W_k of each layer dense or
+    whitened low-rank at 50% or 75%, the factors at each width, every part's width from the
+    calibrated score on --search-samples easy-vqa samples; casp lowrank --plan; the quantizer
+    with the plan) and alloc_<q>_m (the ablation: the same measurements solved without the
+    low-rank options). One search per quantizer and group size; its time counts in full in
+    both rows."""
+    from sweep import COMPRESSIONS, SWEEPS, search_flags, uniform_flags, uniform_width
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    calib = calib_flags(args, False)
+    calibration = f"easy-vqa train {args.mm_nsamples} image+question+answer samples"
+    rows = []
+    for quantizer, budget in args.sweep:
+        setting = f"w{budget.replace('@', 'g')}" if quantizer == "gptq" else budget
+        flags = uniform_flags(quantizer, budget)
+        uniform = work / f"sweep-{quantizer}-{setting}"
+        casp(quantizer, "--model", MODEL, "--output", uniform, *flags, *calib, log=log)
+        uniform_s = stage_seconds(uniform, quantizer)
+        uniform_row = row(quantizer, avg_bits_of(uniform), evaluate(uniform, work, args),
+                          uniform_s, peak_of(uniform), uniform, args, setting=setting,
+                          calibration=calibration)
+        rows.append(uniform_row)
+        tag, search = search_flags(quantizer, budget)
+        search = [*search[:search.index("--search-samples")],
+                  "--search-samples", args.search_samples,
+                  *search[search.index("--search-samples") + 2:]]
+        record = work / f"sweep-{tag}.measured.json"
+        seconds_file = work / f"sweep-{tag}.seconds"
+        for method, extra in ((f"casp_{quantizer}_m", ()),
+                              (f"alloc_{quantizer}_m", ("--without-lowrank",))):
+            plan = work / f"sweep-plan-{method}-{setting}.json"
+            if not plan.is_file():
+                casp("allocate", "--model", MODEL, "--output", plan, *search,
+                     "--measurements", record, *extra, *calib, log=log)
+                if not seconds_file.is_file():
+                    seconds_file.write_text(
+                        f"{json.loads(plan.read_text())['importance']['seconds']}\n")
+            plan_data = json.loads(plan.read_text())
+            search_s = float(seconds_file.read_text())
+            settings = dict(setting=f"budget of {setting}", calibration=calibration,
+                            allocation="measured", search_samples=args.search_samples,
+                            compressions=COMPRESSIONS if not extra else None,
+                            allowed_bits=SWEEPS[quantizer]["widths"], search_seconds=search_s,
+                            **measured_settings(plan_data))
+            labels = {label for r in plan_data["layers"] for label in r["units"].values()}
+            if extra and labels == {f"dense@{uniform_width(budget)}"}:
+                # every part at the uniform width: the plan is the uniform model
+                rows.append({**uniform_row, "method": method,
+                             "quant_seconds": round(search_s + uniform_s, 1),
+                             "settings": {**uniform_row["settings"], **settings,
+                                          "identical_to": quantizer}})
+                continue
+            out = work / f"sweep-{method}-{setting}"
+            plan_data, seconds = measured_stages(plan, MODEL, work / f"sweep-lowrank-{method}-"
+                                                 f"{setting}", quantizer, out, flags, calib, log)
+            seconds += search_s - plan_data["importance"]["seconds"]
+            rows.append(row(method, avg_bits_of(out), evaluate(out, work, args), seconds,
+                            peak_of(out), out, args, **settings))
+            print(f"{method} at the {setting} budget: {avg_bits_of(out):.4f} bits, accuracy "
+                  f"{rows[-1]['accuracy']:.4f} ({seconds:.0f} s)", flush=True)
+            write(merged_rows("mini_llava_quality", rows), args)
+    return rows
+
+
 def codebook_rows(quantizer: str, setting: str, flags: list, widths: str, lowrank: tuple,
                   work: Path, args, calibration: str) -> list[dict]:
     """Uniform ``quantizer`` at ``setting`` and CASP_<quantizer> at its budget (the budget by
@@ -257,9 +326,18 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "runs" / "bench" / "mini_llava"),
                    help="where checkpoints and logs go (reused by a rerun)")
     add_measured_args(p, "casp_gptq_m", 8, "easy-vqa samples")
+    p.add_argument("--sweep", nargs="+", metavar="QUANTIZER:BUDGET", default=None,
+                   help="run only bench/sweep.py's rows at these budgets (e.g. quip:e8p12 "
+                        "gptq:3@128): uniform, casp_<q>_m (the measured search, low-rank "
+                        "options 0.5,0.75) and alloc_<q>_m (without low-rank), merged into "
+                        "the committed results")
     args = p.parse_args()
     start = time.perf_counter()
-    if args.measured_only:
+    if args.sweep:
+        from sweep import run_of
+        args.sweep = [run_of(text) for text in args.sweep]
+        rows = merged_rows("mini_llava_quality", sweep_rows(args))
+    elif args.measured_only:
         rows = merged_rows("mini_llava_quality", measured_rows(args))
     else:
         rows = run(args) + measured_rows(args)
