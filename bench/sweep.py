@@ -25,6 +25,12 @@ stored bits are the budget of:
     casp_m_ft   (budgets in --finetune) casp finetune on casp_m: the codes kept, the
                 continuous parameters fitted end to end to the full-precision model
     uniform_ft  (the same budgets) casp finetune on the uniform model
+    casp_m_asm  casp_m in one pass: casp allocate --measured --checkpoint keeps the options
+                the search built and assembles the plan's model from them (no casp lowrank
+                --plan, no second quantization); its own search
+    casp_m_asm_fast
+                the same with casp_m_fast's --measure-widths (the options it did not build
+                are quantized while assembling)
 One search per quantizer and group size serves every budget (its measurements file is
 reused); its time is counted in full in every casp_m and alloc_m row. Same calibration
 (32 x 512 wiki-train tokens, seed 3) and evaluation (16 x 512 tokens of each test split)
@@ -60,7 +66,7 @@ SEARCH_SAMPLES = 2
 PAPER_COMPRESSION = 0.75
 PAPER_FACTOR_BITS = 3
 METHODS = ("uniform", "paper", "casp_m", "casp_m_fast", "alloc_m", "casp_m_fisher",
-           "casp_m_kl", "casp_m_ft", "uniform_ft")
+           "casp_m_kl", "casp_m_ft", "uniform_ft", "casp_m_asm", "casp_m_asm_fast")
 # casp_m_fast: every layer measured at this width only, the others in 3 anchor layers
 FAST_WIDTHS = {"gptq": "3", "quip": "2", "aqlm": "2"}
 
@@ -118,6 +124,8 @@ def plan_for(work: Path, name: str, quantizer: str, budget: str, args, log: Path
     tag, flags = search_flags(quantizer, budget)
     if "--measure-widths" in extra:         # its own measurements
         tag += "-w" + str(extra[extra.index("--measure-widths") + 1])
+    if "--checkpoint" in extra:             # a search that keeps its options: its own too
+        tag += "-asm"
     record = work / f"{tag}-{score}.measured.json"
     seconds_file = work / f"{tag}-{score}.seconds"
     plan = work / f"plan-{name}-{budget}.json"
@@ -225,6 +233,11 @@ def run(args) -> list[dict]:
         if quantizer == "quip" and k == 0:
             methods += [("casp_m_fisher", (), "fisher", "casp_m"),
                         ("casp_m_kl", (), "kl", "casp_m_kl")]
+        methods += [("casp_m_asm", ("--checkpoint", work / f"asm-{quantizer}-{budget}"),
+                     "calibrated", "casp_asm"),
+                    ("casp_m_asm_fast", (*fast, "--checkpoint",
+                                         work / f"asm-fast-{quantizer}-{budget}"),
+                     "calibrated", "casp_asm_fast")]
         methods = [m for m in methods if m[0] in args.methods]
         for method, extra, score, stem in methods:
             name = f"{stem}-{quantizer}"
@@ -246,8 +259,13 @@ def run(args) -> list[dict]:
                          and r["settings"].get("setting") == budget
                          and r["settings"].get("quantizer") == quantizer]
                 continue
-            out, seconds = quantize_plan(work, name, quantizer, budget, plan, data, args,
-                                         log)
+            if "--checkpoint" in extra:        # assembled by the search's own call
+                out = Path(extra[extra.index("--checkpoint") + 1])
+                seconds = stage_seconds(out, "assemble")
+                settings["assembled"] = True
+            else:
+                out, seconds = quantize_plan(work, name, quantizer, budget, plan, data, args,
+                                             log)
             rows += row(method, avg_bits_of(out), evaluate(out, work, args),
                         search_s + seconds, peak_of(out), out, args, **settings)
             print(f"{method} {quantizer} {budget}: {avg_bits_of(out):.4f} bits "
@@ -384,6 +402,8 @@ NAMES = {"fp": "full precision", "uniform": "uniform",
          "paper": "the paper's recipe (75% low-rank everywhere, block influence)",
          "casp_m": "CASP, measured search (calibrated score)",
          "casp_m_fast": "CASP, measured search at fewer widths (--measure-widths)",
+         "casp_m_asm": "CASP, measured search, model assembled from its options (--checkpoint)",
+         "casp_m_asm_fast": "CASP, fewer widths + assembled (--measure-widths --checkpoint)",
          "alloc_m": "allocation only (ablation)",
          "casp_m_fisher": "CASP, measured search (Fisher score alone)",
          "casp_m_kl": "CASP, measured search (exact score)",

@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from casp.allocation.assemble import OptionStore, module_state_changes, options_dir
 from casp.allocation.budget import SettingRules, dense_parameters
 from casp.allocation.fisher import fisher_divergence, layer_output_fishers
 from casp.allocation.plan import BitPlan, plan_meta
@@ -132,6 +133,9 @@ class SensitivityPass(LayerPass):
             left out saves one quantization of the layer.
         anchors: how many layers are measured at every width when ``measure_widths`` is
             given.
+        keep_options: keep every built option on disk beside ``record``
+            (casp.allocation.assemble): the quantized model of a plan is then assembled
+            from them, without quantizing again.
     """
 
     name = "sensitivity"
@@ -142,7 +146,8 @@ class SensitivityPass(LayerPass):
                  compressions: list[float], rank_multiple: int = 1, measure_batches: int = 1,
                  record: str | Path | None = None, identity: dict | None = None,
                  score: str = "calibrated", fisher_samples: int = 4,
-                 measure_widths: list[int] | None = None, anchors: int = 3):
+                 measure_widths: list[int] | None = None, anchors: int = 3,
+                 keep_options: bool = False):
         if measure_batches < 1:
             raise CaspError("--search-samples must be at least 1")
         if score not in SCORES:
@@ -176,6 +181,11 @@ class SensitivityPass(LayerPass):
         self.fishers: dict[int, list[torch.Tensor]] | None = None
         self._grams: dict = {}
         self._load_record()
+        self.store = None
+        if keep_options:
+            if self.record is None:
+                raise CaspError("keeping the search's options needs a measurements record")
+            self.store = OptionStore(options_dir(self.record), self._key())
 
     def settings(self) -> dict:
         return {"parts": [QK, "rest by submodule"], "quantizer": self.quantizer_settings,
@@ -278,19 +288,21 @@ class SensitivityPass(LayerPass):
                 for j in range(min(self.measure_batches, len(ctx.inputs.hidden)))]
 
     def _quantized(self, ctx: LayerContext, layer: nn.Module, width: int,
-                   only: tuple[str, ...] | None = None) -> nn.Module:
+                   only: tuple[str, ...] | None = None) -> tuple[nn.Module, dict]:
         """``layer`` (changed in place) with its linears (or those of ``only``) quantized
-        at ``width`` by the plan's quantizer, on the layer's calibration inputs."""
+        at ``width`` by the plan's quantizer, on the layer's calibration inputs, and the
+        descriptions of the modules it put in place."""
         sub = LayerContext(ctx.index, layer, ctx.spec, ctx.inputs, ctx.device)
         sub.only = only
         sub.gram_cache = self._grams
         plan = {name: self.rules.entry(name, width, shape)
                 for name, shape in layer_shapes(sub, layer).items()}
         self.quantizer(plan).process(sub)
-        return layer
+        return layer, sub.changes
 
     def process(self, ctx: LayerContext) -> None:
-        if ctx.index in self.measured:
+        if ctx.index in self.measured and (self.store is None
+                                           or self.store.has_layer(ctx.index)):
             return
         start = time.perf_counter()
         self._ensure_reference(ctx)
@@ -304,7 +316,9 @@ class SensitivityPass(LayerPass):
         widths = self.widths
         if self.measure_widths and ctx.index not in anchor_layers(n_layers, self.anchors):
             widths = self.measure_widths
-        quantized = {b: self._quantized(ctx, copy.deepcopy(ctx.layer), b) for b in widths}
+        quantized, changes = {}, {}
+        for b in widths:
+            quantized[b], changes[b] = self._quantized(ctx, copy.deepcopy(ctx.layer), b)
         fisher = self.fishers.pop(ctx.index)
         reference = self._layer_outputs(ctx, ctx.layer)
 
@@ -326,12 +340,22 @@ class SensitivityPass(LayerPass):
             exact = self._divergence(ctx, layer) if self.score == "kl" else estimate
             return {"kl": exact, "fisher": estimate, "parts": parts}
 
+        kept: dict[str, dict] = {u: {} for u in units}     # the options as built, to keep
+        fp_lowrank: dict[str, dict] = {}
+
+        def keep(unit: str, label: str, parts: dict[str, nn.Module], described: dict) -> None:
+            if self.store is not None:
+                kept[unit][label] = {"modules": parts, "changes": module_state_changes(
+                    described, [ctx.full_name(n) for n in parts])}
+
         results: dict[str, dict] = {u: {} for u in units}
         for u, members in units.items():
             for b in widths:
+                parts = {n: quantized[b].get_submodule(n) for n in members}
                 results[u][option_label(None, b)] = {
-                    **scored({n: quantized[b].get_submodule(n) for n in members}),
-                    "shapes": layer_shapes(ctx, ctx.layer, members), "ranks": {}}
+                    **scored(parts), "shapes": layer_shapes(ctx, ctx.layer, members),
+                    "ranks": {}}
+                keep(u, option_label(None, b), parts, changes[b])
         targets = ctx.spec.lowrank_targets
         for c in self.compressions:
             lowrank = copy.deepcopy(ctx.layer)
@@ -351,17 +375,26 @@ class SensitivityPass(LayerPass):
             factor_widths = [self.rules.factor_bits] if fixed else widths
             factors = {w: self._quantized(ctx, copy.deepcopy(lowrank), w, only=cut)
                        for w in factor_widths}
+            if self.store is not None:
+                fp_lowrank[f"lowrank{c:g}"] = {
+                    "modules": {t: lowrank.get_submodule(t) for t in cut},
+                    "changes": module_state_changes(sub.changes,
+                                                    [ctx.full_name(t) for t in cut])}
             for w in factor_widths:
-                parts = {t: factors[w].get_submodule(t) for t in cut}
+                parts = {t: factors[w][0].get_submodule(t) for t in cut}
                 parts.update({t: quantized[w].get_submodule(t) for t in targets if t not in cut})
                 results[QK][option_label(c, w)] = {
                     **scored(parts), "shapes": layer_shapes(ctx, lowrank, lr_members),
                     "ranks": ranks}
+                keep(QK, option_label(c, w), parts,
+                     {**changes.get(w, {}), **sub.changes, **factors[w][1]})
         if self.score == "calibrated":
             calibrate(results, lambda o: self._divergence(ctx, variant(o["parts"])))
         for r in results.values():
             for option in r.values():
                 del option["parts"]
+        if self.store is not None:                # before the record names the layer measured
+            self.store.save_layer(ctx.index, kept, fp_lowrank)
         self.measured[ctx.index] = results
         self._grams = {}
         self._save_record()

@@ -10,6 +10,7 @@ from casp.errors import CaspError
 
 
 def cmd_allocate(args) -> int:
+    from casp.allocation.assemble import AssemblePass
     from casp.allocation.budget import (SettingRules, parse_budget, parse_codebook_map,
                                         uniform_average_bits, uniform_setting_bits)
     from casp.allocation.importance import ImportancePass
@@ -49,6 +50,13 @@ def cmd_allocate(args) -> int:
     measure_widths = bits_list(args.measure_widths, "--measure-widths") if args.measure_widths else None
     if measure_widths and not args.measured:
         raise CaspError("--measure-widths needs --measured")
+    if args.checkpoint and not args.measured:
+        raise CaspError("--checkpoint needs --measured (it is assembled from the search's "
+                        "options)")
+    if args.checkpoint and Path(args.checkpoint).is_dir() and any(
+            Path(args.checkpoint).iterdir()) and not args.overwrite:
+        raise CaspError(f"--checkpoint {args.checkpoint} exists and is not empty; choose another "
+                        "directory or pass --overwrite")
     if measure_widths and not set(measure_widths) <= set(bits):
         raise CaspError(f"--measure-widths {args.measure_widths}: give some of the allowed "
                         f"widths --bits {args.bits}")
@@ -87,7 +95,8 @@ def cmd_allocate(args) -> int:
                                            "calibration": calibration.as_dict(),
                                            "dtype": str(next(loaded.model.parameters()).dtype)},
                                  score=args.search_score, fisher_samples=args.fisher_samples,
-                                 measure_widths=measure_widths, anchors=args.anchor_layers)
+                                 measure_widths=measure_widths, anchors=args.anchor_layers,
+                                 keep_options=bool(args.checkpoint))
         result = run_stage(loaded, "sensitivity", [search], calibration, device)
         plan = measured_plan(loaded.model, loaded.spec, search.measured, rules, bits, budget,
                              compressions, args.rank_multiple, lowrank=not args.without_lowrank)
@@ -113,6 +122,17 @@ def cmd_allocate(args) -> int:
         print(f"the plan makes W_q/W_k low-rank in {n_lr} layers: run casp lowrank --model "
               f"{args.model} --plan {out} before quantizing")
     print(f"plan written to {out}, plot to {png}")
+    if args.checkpoint:
+        assemble = AssemblePass(plan, search.store, _measuring_quantizer(args, spec),
+                                {"quantizer": args.quantizer,
+                                 **{n: getattr(args, n) for n in spec.search_options}},
+                                plan.fingerprint())
+        built = run_stage(loaded, "assemble", [assemble], calibration, device,
+                          output=args.checkpoint, overwrite=args.overwrite)
+        quantized_here = sum(len(v) for v in assemble.built.values())
+        print(f"quantized model written to {args.checkpoint} in {built.seconds:.1f} s "
+              f"({quantized_here} parts quantized while assembling, the rest as the search "
+              "built them)")
     return 0
 
 
@@ -242,6 +262,16 @@ def add_parser(sub) -> None:
                         "PLAN.measured.json beside the plan); an interrupted search resumes from "
                         "it, and a plan at another --budget with the same model, calibration and "
                         "options reuses it without measuring again")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="with --measured: also write the quantized model of the plan to DIR, "
+                        "assembled from the options the search built and kept (beside "
+                        "--measurements, as MEASUREMENTS.options/): each part exactly as "
+                        "measured, its Hessians from the full-precision layer's inputs. This "
+                        "replaces casp lowrank --plan and the quantizer with the plan (about "
+                        "one more uniform quantization); options the search extrapolated "
+                        "(--measure-widths) are quantized while assembling. Reload DIR with "
+                        "casp.load_model, evaluate it with casp ppl")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing plan file (and --checkpoint directory)")
     add_calibration_args(p, nsamples=128, seqlen=2048)
     p.set_defaults(func=cmd_allocate)
