@@ -289,6 +289,11 @@ def table(rows: list[dict], args) -> str:
                      f"{t.get('color', 0):.3f} | {r['answer_ppl']:.3f} | "
                      f"{r['quant_seconds'] or '-'} | {r['peak_mem_gb'] or '-'} | {size} |")
     r0 = rows[0]
+    older = [r for r in rows if r["method"].endswith("_m") and "compressions" not in r["settings"]]
+    old_search = "".join(
+        f"; {r['method']} at {r['settings']['setting']} ({r['date']}): the earlier search "
+        f"(W_q/W_k dense or low-rank 75% with 3-bit factors, widths {MEASURED_BITS})"
+        for r in older)
     searched = ", ".join(sorted({str(r["settings"]["search_samples"]) for r in rows
                                  if "search_samples" in r["settings"]})) or "-"
     lines += ["", f"{MODEL_NAME}; easy-vqa test, {r0['samples']} questions drawn with seed 0 "
@@ -298,11 +303,13 @@ def table(rows: list[dict], args) -> str:
               f"{args.text_nsamples} x {args.text_seqlen} tokens of wiki text for *_text rows; "
               f"GPTQ act-order, damp 0.01, true-sequential; CASP: whitened low-rank W_q/W_k 75% "
               f"(ranks multiple of 8), block-influence allocation over widths {ALLOWED_BITS}, "
-              f"factors 3-bit; casp_gptq_m: the measured search (each layer's W_q/W_k dense or "
-              f"low-rank 75% with 3-bit factors, each part at widths {MEASURED_BITS}, scored by "
-              f"the output KL on {searched} easy-vqa samples); time includes every stage; "
-              f"{r0['machine']}; {r0['date']} (casp_gptq_m rows: "
-              f"{max(r['date'] for r in rows)})."]
+              f"factors 3-bit; *_m rows: the measured search, bench/sweep.py's settings "
+              f"(W_q/W_k of each layer dense or whitened low-rank at 50% or 75%, the factors at "
+              f"each width; widths 2,3,4,5 for GPTQ, 2,3,4 for QuIP#; calibrated score on "
+              f"{searched} easy-vqa samples), alloc_*_m the same measurements solved without "
+              f"the low-rank options{old_search}; time includes every stage; "
+              f"{r0['machine']}; {r0['date']} (rows run since: "
+              f"{', '.join(sorted({r['date'] for r in rows} - {r0['date']}))})."]
     return "\n".join(lines) + "\n"
 
 
