@@ -118,6 +118,24 @@ def test_extrapolated_options_are_quantized_while_assembling(tmp_path, calib_txt
     options = json.loads((tmp_path / "plan.measured.json.options" / "layer_001.json").read_text())
     assert set(options["options"]["mlp"]) == {"dense@3"}
     load_checkpoint(tmp_path / "asm")
+    # at wider budgets layer 1 mixes parts as built (3 bits) with parts quantized here
+    mixed = 0
+    for budget in ("3.5", "3.7", "3.9"):
+        out = tmp_path / f"plan{budget}.json"
+        assert run("allocate", "--model", src, "--output", out, "--budget", budget, "--bits",
+                   "2,3", "--group-size", "32", "--measured", "--measure-widths", "3",
+                   "--anchor-layers", "2", "--search-samples", "4", "--measurements",
+                   tmp_path / "plan.measured.json", "--checkpoint", tmp_path / f"asm{budget}",
+                   *data) == 0
+        p = BitPlan.load(out)
+        widths = set(p.layers[1]["units"].values())
+        mixed += widths == {"dense@2", "dense@3"}
+        section = read_casp_section(tmp_path / f"asm{budget}")
+        assert average_bits(section) == pytest.approx(p.achieved_bits)
+        assert {n: d["bits"] for n, d in section["modules"].items()} == {
+            n: e["bits"] for n, e in p.modules.items()}
+        load_checkpoint(tmp_path / f"asm{budget}")
+    assert mixed
 
 
 def test_bad_checkpoint_input_is_refused(tmp_path, calib_txt, capsys):

@@ -152,6 +152,7 @@ class AssemblePass(LayerPass):
         from casp.quant.layer_groups import layer_linear_names
 
         chosen = self.plan.layers[ctx.index]["units"]
+        linears = layer_linear_names(ctx.layer, ctx.spec)      # before any is installed
         missing: list[str] = []
         for part, label in chosen.items():
             if self.store.entry(ctx.index, part, label) is not None:
@@ -164,14 +165,12 @@ class AssemblePass(LayerPass):
         self.built[ctx.index] = missing
         if not missing:
             return
-        bases = sorted({n.rsplit(".", 1)[0] if n.endswith((".down", ".up")) else n
-                        for n in layer_linear_names(ctx.layer, ctx.spec)
-                        if unit_of(ctx.spec, n) in missing})
+        bases = tuple(n for n in linears if unit_of(ctx.spec, n) in missing)
         entries = {name: e for name, e in self.plan.modules.items()
                    if name.startswith(ctx.prefix + ".")}
         log.info("layer %d: quantizing %s (not built by the search)", ctx.index,
                  ", ".join(missing))
-        ctx.only = tuple(bases)
+        ctx.only = bases
         try:
             self.quantizer(entries).process(ctx)
         finally:
