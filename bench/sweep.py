@@ -349,7 +349,8 @@ def extrapolation_check(work: Path) -> dict:
     for record in sorted(work.glob("*-calibrated.measured.json")):
         tag = record.name.split("-calibrated")[0]
         quantizer = tag.split("-")[0]
-        if quantizer not in EXTRAPOLATION_TRIALS:
+        if quantizer not in EXTRAPOLATION_TRIALS or "-w" in tag or tag.endswith("-asm"):
+            # a search at fewer widths, or a repeat of one that kept its options
             continue
         sweep = SWEEPS[quantizer]
         widths = [int(w) for w in sweep["widths"].split(",")]
