@@ -103,6 +103,15 @@ class OptionStore:
             return data["fp_lowrank"].get(FP_LOWRANK, {}).get(label)
         return data["options"].get(part, {}).get(label)
 
+    def part_modules(self, index: int, part: str) -> list[str]:
+        """The modules (relative names) a part of layer ``index`` replaces, from any option
+        of it the search kept (every part keeps at least its measured widths)."""
+        data = self._index(index) or {"options": {}}
+        for entry in data["options"].get(part, {}).values():
+            return list(entry["modules"])
+        raise CaspError(f"layer {index}: the search kept no option of {part}; rerun it with "
+                        "--checkpoint")
+
     def install(self, ctx: LayerContext, part: str, label: str) -> None:
         """Put the stored option in place in ``ctx.layer`` and record its modules."""
         entry = self.entry(ctx.index, part, label)
@@ -148,11 +157,7 @@ class AssemblePass(LayerPass):
                 "hessians": "full-precision layer inputs (options the search built)"}
 
     def process(self, ctx: LayerContext) -> None:
-        from casp.allocation.search import unit_of
-        from casp.quant.layer_groups import layer_linear_names
-
         chosen = self.plan.layers[ctx.index]["units"]
-        linears = layer_linear_names(ctx.layer, ctx.spec)      # before any is installed
         missing: list[str] = []
         for part, label in chosen.items():
             if self.store.entry(ctx.index, part, label) is not None:
@@ -165,7 +170,7 @@ class AssemblePass(LayerPass):
         self.built[ctx.index] = missing
         if not missing:
             return
-        bases = tuple(n for n in linears if unit_of(ctx.spec, n) in missing)
+        bases = tuple(n for part in missing for n in self.store.part_modules(ctx.index, part))
         entries = {name: e for name, e in self.plan.modules.items()
                    if name.startswith(ctx.prefix + ".")}
         log.info("layer %d: quantizing %s (not built by the search)", ctx.index,
