@@ -187,10 +187,7 @@ def sweep_rows(args) -> list[dict]:
                           uniform_s, peak_of(uniform), uniform, args, setting=setting,
                           calibration=calibration)
         rows.append(uniform_row)
-        tag, search = search_flags(quantizer, budget)
-        search = [*search[:search.index("--search-samples")],
-                  "--search-samples", args.search_samples,
-                  *search[search.index("--search-samples") + 2:]]
+        tag, search = search_flags(quantizer, budget, args.search_samples)
         record = work / f"sweep-{tag}.measured.json"
         seconds_file = work / f"sweep-{tag}.seconds"
         for method, extra in ((f"casp_{quantizer}_m", ()),

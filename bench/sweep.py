@@ -95,13 +95,14 @@ def uniform_flags(quantizer: str, budget: str) -> list:
     return ["--codebook", budget]
 
 
-def search_flags(quantizer: str, budget: str) -> tuple[str, list]:
+def search_flags(quantizer: str, budget: str, samples: int = SEARCH_SAMPLES
+                 ) -> tuple[str, list]:
     """The measurements file's tag (one per quantizer and group size) and the flags of casp
-    allocate --measured for this budget."""
+    allocate --measured for this budget, the divergences measured on ``samples``."""
     sweep = SWEEPS[quantizer]
     flags = ["--quantizer", quantizer, "--budget", budget, "--bits", sweep["widths"],
              "--factor-bits", 0, "--measured", "--lowrank-options", COMPRESSIONS,
-             "--rank-multiple", 8, "--search-samples", SEARCH_SAMPLES]
+             "--rank-multiple", 8, "--search-samples", samples]
     tag = quantizer
     if quantizer == "gptq":
         group = budget.split("@")[1]

@@ -150,3 +150,25 @@ def test_bad_checkpoint_input_is_refused(tmp_path, calib_txt, capsys):
                *GPTQ, "--checkpoint", tmp_path / "full", *data) == 2
     assert "not empty" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_extrapolated_low_rank_options_get_their_full_precision_factors(tmp_path, calib_txt):
+    """Low-rank options at a width the search extrapolated: the kept full-precision factors
+    are installed and quantized while assembling, as the plan says."""
+    src = save_tiny("llama", tmp_path / "llama", layers=3)
+    data = ["--dataset", calib_txt] + CALIB
+    plan = tmp_path / "plan.json"
+    assert run("allocate", "--model", src, "--output", plan, "--budget", "2.93", "--bits", "2,3",
+               "--group-size", "32", "--factor-bits", "0", "--measured", "--lowrank-options",
+               "0.75", "--measure-widths", "3", "--anchor-layers", "2", "--search-samples", "4",
+               "--checkpoint", tmp_path / "asm", *data) == 0
+    p = BitPlan.load(plan)
+    assert p.layers[1]["units"]["qk"] == "lowrank0.75@2"         # not built: layer 1 at 3 only
+    section = read_casp_section(tmp_path / "asm")
+    assert {n: d["bits"] for n, d in section["modules"].items() if d["type"] == "gptq"} == {
+        n: e["bits"] for n, e in p.modules.items()}
+    ranks = {n: d["rank"] for n, d in section["modules"].items() if d["type"] == "lowrank"}
+    assert ranks == p.meta["lowrank"]["ranks"]
+    assert average_bits(section) == pytest.approx(p.achieved_bits)
+    q = load_checkpoint(tmp_path / "asm").model.model.layers[1].self_attn.q_proj
+    assert isinstance(q, LowRankLinear)

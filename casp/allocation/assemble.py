@@ -26,7 +26,9 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from casp.errors import CaspError
 from casp.layerwise import LayerContext, LayerPass
 from casp.modules import replace_modules
@@ -94,14 +96,43 @@ class OptionStore:
         tmp.write_text(json.dumps(meta))
         tmp.replace(meta_path)
 
-    def entry(self, index: int, part: str, label: str) -> dict | None:
-        """The stored option (its module names and descriptions), or None if not built."""
-        data = self._index(index)
-        if data is None:
-            return None
-        if part == FP_LOWRANK:
-            return data["fp_lowrank"].get(FP_LOWRANK, {}).get(label)
-        return data["options"].get(part, {}).get(label)
+    def install_chosen(self, ctx: LayerContext, chosen: dict[str, str]) -> list[str]:
+        """Put the stored option of each part of ``chosen`` ({part: label}) in place in
+        ``ctx.layer`` and record its modules; a low-rank option not built gets its
+        full-precision factors. Reads the layer's index once and only the tensors of the
+        options installed. Returns the parts left to quantize, in order."""
+        data = self._index(ctx.index)
+        dtype = next(ctx.layer.parameters()).dtype
+        missing = []
+        with safe_open(str(self._paths(ctx.index)[1]), framework="pt") as tensors:
+            keys = list(tensors.keys())
+
+            def install(part: str, label: str, entry: dict) -> None:
+                # parents (a low-rank module) before their children (its quantized factors)
+                changes = dict(sorted(entry["changes"].items(), key=lambda kv: kv[0].count(".")))
+                replace_modules(ctx.layer, changes, dtype, ctx.prefix)
+                for name in entry["modules"]:
+                    prefix = f"{part}/{label}/{name}."
+                    module = ctx.layer.get_submodule(name)
+                    module.load_state_dict({k[len(prefix):]: tensors.get_tensor(k)
+                                            for k in keys if k.startswith(prefix)}, strict=True)
+                    module.to(ctx.device)
+                ctx.changes.update(changes)
+
+            for part, label in chosen.items():
+                entry = _entry(data, part, label)
+                if entry is not None:
+                    install(part, label, entry)
+                    continue
+                shape = label.rsplit("@", 1)[0]
+                if shape.startswith("lowrank"):      # its full-precision factors, then quantize
+                    fp = _entry(data, FP_LOWRANK, shape)
+                    if fp is None:
+                        raise CaspError(f"layer {ctx.index}: the search kept no full-precision "
+                                        f"factors of {shape}; rerun it with --checkpoint")
+                    install(FP_LOWRANK, shape, fp)
+                missing.append(part)
+        return missing
 
     def part_modules(self, index: int, part: str) -> list[str]:
         """The modules (relative names) a part of layer ``index`` replaces, from any option
@@ -112,23 +143,13 @@ class OptionStore:
         raise CaspError(f"layer {index}: the search kept no option of {part}; rerun it with "
                         "--checkpoint")
 
-    def install(self, ctx: LayerContext, part: str, label: str) -> None:
-        """Put the stored option in place in ``ctx.layer`` and record its modules."""
-        entry = self.entry(ctx.index, part, label)
-        if entry is None:
-            raise CaspError(f"layer {ctx.index}: option {part} {label} was not kept by the search")
-        dtype = next(ctx.layer.parameters()).dtype
-        # parents (a low-rank module) before their children (its quantized factors)
-        changes = dict(sorted(entry["changes"].items(), key=lambda kv: kv[0].count(".")))
-        replace_modules(ctx.layer, changes, dtype, ctx.prefix)
-        state = load_file(str(self._paths(ctx.index)[1]))
-        for name in entry["modules"]:
-            key = f"{part}/{label}/{name}."
-            module = ctx.layer.get_submodule(name)
-            module.load_state_dict({k[len(key):]: v for k, v in state.items()
-                                    if k.startswith(key)}, strict=True)
-            module.to(ctx.device)
-        ctx.changes.update(changes)
+
+def _entry(data: dict | None, part: str, label: str) -> dict | None:
+    if data is None:
+        return None
+    if part == FP_LOWRANK:
+        return data["fp_lowrank"].get(FP_LOWRANK, {}).get(label)
+    return data["options"].get(part, {}).get(label)
 
 
 class AssemblePass(LayerPass):
@@ -157,16 +178,7 @@ class AssemblePass(LayerPass):
                 "hessians": "full-precision layer inputs (options the search built)"}
 
     def process(self, ctx: LayerContext) -> None:
-        chosen = self.plan.layers[ctx.index]["units"]
-        missing: list[str] = []
-        for part, label in chosen.items():
-            if self.store.entry(ctx.index, part, label) is not None:
-                self.store.install(ctx, part, label)
-                continue
-            shape = label.rsplit("@", 1)[0]
-            if shape.startswith("lowrank"):          # its full-precision factors, then quantize
-                self.store.install(ctx, FP_LOWRANK, shape)
-            missing.append(part)
+        missing = self.store.install_chosen(ctx, self.plan.layers[ctx.index]["units"])
         self.built[ctx.index] = missing
         if not missing:
             return

@@ -124,9 +124,7 @@ def cmd_allocate(args) -> int:
     print(f"plan written to {out}, plot to {png}")
     if args.checkpoint:
         assemble = AssemblePass(plan, search.store, _measuring_quantizer(args, spec),
-                                {"quantizer": args.quantizer,
-                                 **{n: getattr(args, n) for n in spec.search_options}},
-                                plan.fingerprint())
+                                search.quantizer_settings, plan.fingerprint())
         built = run_stage(loaded, "assemble", [assemble], calibration, device,
                           output=args.checkpoint, overwrite=args.overwrite)
         quantized_here = sum(len(v) for v in assemble.built.values())
