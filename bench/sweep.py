@@ -31,6 +31,11 @@ stored bits are the budget of:
     casp_m_asm_fast
                 the same with casp_m_fast's --measure-widths (the options it did not build
                 are quantized while assembling)
+    casp_m_cheap
+                casp_m_asm with the exact runs of the calibrated score in 5 layers only
+                (--calibrate-layers 5), the others' estimates scaled by their ratios
+    casp_m_cheap_fast
+                the same with --measure-widths too: the cheapest search
 One search per quantizer and group size serves every budget (its measurements file is
 reused); its time is counted in full in every casp_m and alloc_m row. Same calibration
 (32 x 512 wiki-train tokens, seed 3) and evaluation (16 x 512 tokens of each test split)
@@ -66,7 +71,9 @@ SEARCH_SAMPLES = 2
 PAPER_COMPRESSION = 0.75
 PAPER_FACTOR_BITS = 3
 METHODS = ("uniform", "paper", "casp_m", "casp_m_fast", "alloc_m", "casp_m_fisher",
-           "casp_m_kl", "casp_m_ft", "uniform_ft", "casp_m_asm", "casp_m_asm_fast")
+           "casp_m_kl", "casp_m_ft", "uniform_ft", "casp_m_asm", "casp_m_asm_fast",
+           "casp_m_cheap", "casp_m_cheap_fast")
+CALIBRATE_LAYERS = 5
 # casp_m_fast: every layer measured at this width only, the others in 3 anchor layers
 FAST_WIDTHS = {"gptq": "3", "quip": "2", "aqlm": "2"}
 
@@ -125,6 +132,8 @@ def plan_for(work: Path, name: str, quantizer: str, budget: str, args, log: Path
     tag, flags = search_flags(quantizer, budget)
     if "--measure-widths" in extra:         # its own measurements
         tag += "-w" + str(extra[extra.index("--measure-widths") + 1])
+    if "--calibrate-layers" in extra:
+        tag += "-c" + str(extra[extra.index("--calibrate-layers") + 1])
     if "--checkpoint" in extra:             # a search that keeps its options: its own too
         tag += "-asm"
     record = work / f"{tag}-{score}.measured.json"
@@ -238,10 +247,29 @@ def run(args) -> list[dict]:
                      "calibrated", "casp_asm"),
                     ("casp_m_asm_fast", (*fast, "--checkpoint",
                                          work / f"asm-fast-{quantizer}-{budget}"),
-                     "calibrated", "casp_asm_fast")]
+                     "calibrated", "casp_asm_fast"),
+                    ("casp_m_cheap", ("--calibrate-layers", CALIBRATE_LAYERS, "--checkpoint",
+                                      work / f"asm-cheap-{quantizer}-{budget}"),
+                     "calibrated", "casp_cheap"),
+                    ("casp_m_cheap_fast", (*fast, "--calibrate-layers", CALIBRATE_LAYERS,
+                                           "--checkpoint",
+                                           work / f"asm-cheap-fast-{quantizer}-{budget}"),
+                     "calibrated", "casp_cheap_fast")]
         methods = [m for m in methods if m[0] in args.methods]
+        lowest = uniform_width(budget) == min(int(w) for w in SWEEPS[quantizer]["widths"]
+                                              .split(","))
         for method, extra, score, stem in methods:
             name = f"{stem}-{quantizer}"
+            if method == "alloc_m" and lowest:
+                # every part already at the smallest width: without low-rank nothing can be
+                # lowered to pay for a raise, so the plan is the uniform one (no search)
+                rows += [{**r, "method": method, "settings": {
+                    **r["settings"], "identical_to": "uniform", "by_construction": True}}
+                         for r in rows if r["method"] == "uniform"
+                         and r["settings"].get("setting") == budget
+                         and r["settings"].get("quantizer") == quantizer]
+                write(rows, args)
+                continue
             plan, data, search_s = plan_for(work, name, quantizer, budget, args, log,
                                             extra, score)
             settings = {**common, "score": score, "compressions": COMPRESSIONS,
@@ -250,6 +278,8 @@ def run(args) -> list[dict]:
                         **measured_settings(data)}
             if "--measure-widths" in extra:
                 settings.update(measure_widths=FAST_WIDTHS[quantizer], anchor_layers=ANCHORS)
+            if "--calibrate-layers" in extra:
+                settings["calibrate_layers"] = CALIBRATE_LAYERS
             labels = {label for r in data["layers"] for label in r["units"].values()}
             if method == "alloc_m" and labels == {f"dense@{uniform_width(budget)}"}:
                 # every part at the uniform width: the plan is the uniform model
@@ -406,6 +436,8 @@ NAMES = {"fp": "full precision", "uniform": "uniform",
          "casp_m_fast": "CASP, measured search at fewer widths (--measure-widths)",
          "casp_m_asm": "CASP, measured search, model assembled from its options (--checkpoint)",
          "casp_m_asm_fast": "CASP, fewer widths + assembled (--measure-widths --checkpoint)",
+         "casp_m_cheap": "CASP, exact runs in 5 layers, assembled (--calibrate-layers 5)",
+         "casp_m_cheap_fast": "CASP, fewer widths + exact runs in 5 layers, assembled",
          "alloc_m": "allocation only (ablation)",
          "casp_m_fisher": "CASP, measured search (Fisher score alone)",
          "casp_m_kl": "CASP, measured search (exact score)",
@@ -430,7 +462,9 @@ def table(rows: list[dict], args, check: dict | None) -> str:
     for (quantizer, budget, method), d in sorted(by.items(), key=lambda kv: order(kv[0])):
         w = d["wiki"]
         s = w["settings"]
-        note = "same plan as uniform" if s.get("identical_to") else lowrank_note(s).strip(" ()")
+        note = ("same plan as uniform" + (" (no width below the budget's to trade; no search)"
+                                          if s.get("by_construction") else "")
+                if s.get("identical_to") else lowrank_note(s).strip(" ()"))
         lines.append(f"| {quantizer or '-'} | {budget or '-'} | {NAMES.get(method, method)} | "
                      f"{w['avg_bits'] if w['avg_bits'] is not None else '-'} | {w['ppl']:.2f} | "
                      f"{d['lee']['ppl']:.2f} | {w['quant_seconds'] or '-'} | {note or '-'} |")

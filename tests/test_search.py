@@ -443,3 +443,68 @@ def test_search_at_some_widths_measures_anchors_fully(tiny_llama, tmp_path):
     assert saved.achieved_bits <= 3.5
     assert run("allocate", "--model", src, "--output", tmp_path / "bad.json", "--budget", "3.5",
                "--bits", "2,3", "--measured", "--measure-widths", "4", *data) == 2
+
+
+# ----------------------------------------------------------------------------- fewer exact runs
+
+def test_spread_calibration_scales_by_the_calibrated_layers_ratios():
+    """Layers 0 and 2 calibrated (ratios exact / fisher 2 and 8 for the MLP, 0.5 for the
+    low-rank family), layer 1 only estimated: its estimates times the geometric mean of the
+    same part and family's ratios (4 and 0.5); calibrated layers are left as they are; a
+    family no layer measured exactly is an error."""
+    from casp.allocation.search import spread_calibration
+
+    def opt(fisher, exact=None, **extra):
+        o = {"kl": fisher if exact is None else exact, "fisher": fisher,
+             "shapes": {"m": [8, 8]}, "ranks": {}, **extra}
+        if exact is not None:
+            o["exact"] = exact
+        return o
+
+    measured = {0: {"mlp": {"dense@2": opt(1.0, 2.0), "dense@3": opt(0.5)},
+                    "qk": {"lowrank0.5@2": opt(4.0, 2.0)}},
+                1: {"mlp": {"dense@2": opt(3.0, uncalibrated=True),
+                            "dense@3": opt(1.0, uncalibrated=True)},
+                    "qk": {"lowrank0.5@2": opt(6.0, uncalibrated=True)}},
+                2: {"mlp": {"dense@2": opt(1.0, 8.0)}, "qk": {"lowrank0.5@2": opt(1.0, 0.5)}}}
+    out = spread_calibration(measured)
+    assert out[1]["mlp"]["dense@2"]["kl"] == pytest.approx(12.0)
+    assert out[1]["mlp"]["dense@3"]["kl"] == pytest.approx(4.0)
+    assert out[1]["qk"]["lowrank0.5@2"]["kl"] == pytest.approx(3.0)
+    assert "uncalibrated" not in out[1]["mlp"]["dense@2"]
+    assert out[0] == measured[0] and out[2] == measured[2]
+    with pytest.raises(CaspError, match="--calibrate-layers"):
+        spread_calibration({0: {"mlp": {"dense@2": opt(1.0, uncalibrated=True)}}})
+
+
+def test_calibrate_layers_runs_the_later_layers_in_those_layers_only(tiny_llama, tmp_path,
+                                                                    monkeypatch, capsys):
+    """--calibrate-layers 2 on a 3-layer model: the exact runs in layers 0 and 2 only (one
+    per part), layer 1 estimated and marked; the plan is solved on the scaled estimates
+    and meets the budget; the flag without the calibrated score is refused."""
+    src, calib_txt = tiny_llama
+    calls = []
+    exact = SensitivityPass._divergence
+
+    def counted(self, ctx, layer):
+        calls.append(ctx.index)
+        return exact(self, ctx, layer)
+
+    monkeypatch.setattr(SensitivityPass, "_divergence", counted)
+    plan = tmp_path / "plan.json"
+    data = ["--dataset", calib_txt] + CALIB
+    assert run("allocate", "--model", src, "--output", plan, "--budget", "3.5", "--bits",
+               "2,3,4", "--group-size", "32", "--measured", "--calibrate-layers", "2",
+               "--search-samples", "4", *data) == 0
+    assert sorted(set(calls)) == [0, 2] and calls.count(0) == calls.count(2) == 3
+    record = json.loads(plan.with_suffix(".measured.json").read_text())
+    assert record["settings"]["calibrate_layers"] == 2
+    assert all(o.get("uncalibrated") for r in record["layers"]["1"].values() for o in r.values())
+    assert not any("exact" in o for r in record["layers"]["1"].values() for o in r.values())
+    saved = BitPlan.load(plan)
+    assert saved.achieved_bits <= 3.5
+    assert run("allocate", "--model", src, "--output", tmp_path / "bad.json", "--budget", "3.5",
+               "--bits", "2,3", "--measured", "--search-score", "kl", "--calibrate-layers", "2",
+               *data) == 2
+    assert "--calibrate-layers needs" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()

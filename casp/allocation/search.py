@@ -34,7 +34,9 @@ whole layer, every linear's Hessian from the full-precision layer's inputs (one 
 layer shared by every width), and the parts' divergences are taken as additive. Cost: each
 layer is quantized once per width (the low-rank factors once more); with the exact score the
 layers after it run once per option on the measured samples, with the calibrated score once
-per family (4 times a layer with two compressions), with the Fisher score never.
+per family (5 times a layer with two compressions), with the Fisher score never;
+``calibrate_layers`` keeps the calibrated score's runs to a few layers spread over the depth
+and scales the others' estimates by their ratios (:func:`spread_calibration`).
 """
 from __future__ import annotations
 
@@ -73,6 +75,11 @@ def option_label(compression: float | None, bits: int) -> str:
 
 def _width(label: str) -> int:
     return int(label.rsplit("@", 1)[1])
+
+
+def _family(label: str) -> str:
+    """An option's family: its shape without the width ("dense", "lowrank0.75")."""
+    return label.rsplit("@", 1)[0]
 
 
 SCORES = ("calibrated", "fisher", "kl")
@@ -133,6 +140,11 @@ class SensitivityPass(LayerPass):
             left out saves one quantization of the layer.
         anchors: how many layers are measured at every width when ``measure_widths`` is
             given.
+        calibrate_layers: with score "calibrated", measure the exact divergences (one run
+            of the later layers per family) in this many layers spread over the depth only;
+            the others' estimates are scaled when the plan is solved
+            (:func:`spread_calibration`). None: every layer (each exact run costs the
+            forwards of every later layer: most of the search's time with the default).
         keep_options: keep every built option on disk beside ``record``
             (casp.allocation.assemble): the quantized model of a plan is then assembled
             from them, without quantizing again.
@@ -147,7 +159,7 @@ class SensitivityPass(LayerPass):
                  record: str | Path | None = None, identity: dict | None = None,
                  score: str = "calibrated", fisher_samples: int = 4,
                  measure_widths: list[int] | None = None, anchors: int = 3,
-                 keep_options: bool = False):
+                 keep_options: bool = False, calibrate_layers: int | None = None):
         if measure_batches < 1:
             raise CaspError("--search-samples must be at least 1")
         if score not in SCORES:
@@ -155,6 +167,10 @@ class SensitivityPass(LayerPass):
         if fisher_samples < 1:
             raise CaspError("--fisher-samples must be at least 1")
         self.score, self.fisher_samples = score, fisher_samples
+        if calibrate_layers is not None and (score != "calibrated" or calibrate_layers < 1):
+            raise CaspError("--calibrate-layers needs --search-score calibrated and at least "
+                            "1 layer")
+        self.calibrate_layers = calibrate_layers
         if measure_widths is not None:
             extra = sorted(set(measure_widths) - set(widths))
             if extra or not measure_widths:
@@ -195,7 +211,9 @@ class SensitivityPass(LayerPass):
                 "score": self.score, "fisher_samples": self.fisher_samples,
                 "hessians": "full-precision layer inputs",
                 **({"measure_widths": self.measure_widths, "anchor_layers": self.anchors}
-                   if self.measure_widths else {})}
+                   if self.measure_widths else {}),
+                **({"calibrate_layers": self.calibrate_layers}
+                   if self.calibrate_layers is not None else {})}
 
     # -- resume -------------------------------------------------------------------------
 
@@ -389,7 +407,13 @@ class SensitivityPass(LayerPass):
                 keep(QK, option_label(c, w), parts,
                      {**changes.get(w, {}), **sub.changes, **factors[w][1]})
         if self.score == "calibrated":
-            calibrate(results, lambda o: self._divergence(ctx, variant(o["parts"])))
+            if self.calibrate_layers is None or ctx.index in anchor_layers(
+                    n_layers, self.calibrate_layers):
+                calibrate(results, lambda o: self._divergence(ctx, variant(o["parts"])))
+            else:                              # scaled by the calibrated layers' ratios
+                for r in results.values():
+                    for option in r.values():
+                        option["uncalibrated"] = True
         for r in results.values():
             for option in r.values():
                 del option["parts"]
@@ -414,7 +438,7 @@ def calibrate(results: dict, exact_of: Callable[[dict], float]) -> None:
     for r in results.values():
         families: dict[str, list[str]] = {}
         for label in r:
-            families.setdefault(label.rsplit("@", 1)[0], []).append(label)
+            families.setdefault(_family(label), []).append(label)
         for labels in families.values():
             anchor = r[min(labels, key=_width)]
             exact = exact_of(anchor)
@@ -422,6 +446,39 @@ def calibrate(results: dict, exact_of: Callable[[dict], float]) -> None:
             for label in labels:
                 r[label]["kl"] = r[label]["fisher"] * ratio
             anchor["kl"] = anchor["exact"] = exact
+
+
+def spread_calibration(measured: dict[int, dict]) -> dict[int, dict]:
+    """The measurements with the options marked "uncalibrated" (a search with
+    ``calibrate_layers``: the Fisher estimate alone) scaled like the calibrated layers': by
+    the geometric mean, over the layers measured exactly, of the exact / estimate ratio of
+    the same part and family (dense, or low-rank at one compression). The ratio drifts
+    with depth and varies from layer to layer by a factor of about 2 on SmolLM2; a mean
+    over a few layers spread from the first to the last stands for it within a few percent
+    of the summed divergence of the plan (docs/results.md)."""
+    logs: dict[tuple, list[float]] = {}
+    for results in measured.values():
+        for part, r in results.items():
+            for label, o in r.items():
+                if "exact" in o and o["exact"] > 0 and o["fisher"] > 0:
+                    logs.setdefault((part, _family(label)), []).append(
+                        math.log(o["exact"] / o["fisher"]))
+    out: dict[int, dict] = {}
+    for i, results in measured.items():
+        out[i] = {}
+        for part, r in results.items():
+            out[i][part] = {}
+            for label, o in r.items():
+                if o.get("uncalibrated"):
+                    ratios = logs.get((part, _family(label)))
+                    if not ratios:
+                        raise CaspError(f"layer {i} {part}: no layer measured {_family(label)} "
+                                        "exactly to scale its estimate by; raise "
+                                        "--calibrate-layers")
+                    o = {**o, "kl": o["fisher"] * math.exp(sum(ratios) / len(ratios))}
+                    del o["uncalibrated"]
+                out[i][part][label] = o
+    return out
 
 
 def anchor_layers(n_layers: int, count: int) -> list[int]:
@@ -444,27 +501,24 @@ def extrapolate_widths(measured: dict[int, dict], widths: list[int]) -> dict[int
     kept as they are. The scores shrink with width about the same way in every layer (a
     quantizer's error falls by a factor per bit that is a property of its code, not of the
     weights), which is what lets a few layers measured at every width stand for the rest."""
-    def family(label: str) -> str:
-        return label.rsplit("@", 1)[0]
-
     logs: dict[tuple, list[float]] = {}       # (part, family, w0, w) -> log ratios
     seen: dict[tuple, set[int]] = {}          # (part, family) -> widths measured anywhere
     for results in measured.values():
         for part, r in results.items():
             for label in r:
-                seen.setdefault((part, family(label)), set()).add(_width(label))
+                seen.setdefault((part, _family(label)), set()).add(_width(label))
             for a, oa in r.items():
                 for b, ob in r.items():
-                    if a != b and family(a) == family(b) and oa["kl"] > 0 and ob["kl"] > 0:
-                        logs.setdefault((part, family(a), _width(a), _width(b)), []).append(
+                    if a != b and _family(a) == _family(b) and oa["kl"] > 0 and ob["kl"] > 0:
+                        logs.setdefault((part, _family(a), _width(a), _width(b)), []).append(
                             math.log(ob["kl"] / oa["kl"]))
     out: dict[int, dict] = {}
     for i, results in measured.items():
         out[i] = {}
         for part, r in results.items():
             filled = dict(r)
-            for fam in {family(label) for label in r}:
-                have = {_width(label): label for label in r if family(label) == fam}
+            for fam in {_family(label) for label in r}:
+                have = {_width(label): label for label in r if _family(label) == fam}
                 for w in sorted(seen[(part, fam)] & set(widths)):
                     if w in have:
                         continue
@@ -522,9 +576,10 @@ def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: Sett
     every module of the model as it will be after the chosen low-rank factorisations, each
     part's width, and the ranks. ``lowrank=False`` leaves the low-rank options out (the
     ablation: what the allocation alone buys); ``score`` is the measurement solved on
-    ("kl": the search's score; "fisher": its Fisher estimate). Widths a layer was not
-    measured at are extrapolated first (:func:`extrapolate_widths`)."""
-    measured = extrapolate_widths(measured, widths)
+    ("kl": the search's score; "fisher": its Fisher estimate). Estimates of layers not calibrated are
+    scaled first (:func:`spread_calibration`), then widths a layer was not measured at
+    extrapolated (:func:`extrapolate_widths`)."""
+    measured = extrapolate_widths(spread_calibration(measured), widths)
     if not lowrank:
         measured = {i: {u: {k: v for k, v in r.items() if k.startswith("dense")}
                         for u, r in m.items()} for i, m in measured.items()}
