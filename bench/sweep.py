@@ -66,6 +66,10 @@ SWEEPS = {
              "codebooks": "2=e8p12,3=e8p12rvq3b,4=e8p12rvq4b"},
     "aqlm": {"budgets": ["2x8", "3x8"], "widths": "2,3,4", "codebooks": "2=2x8,3=3x8,4=4x8"},
 }
+# AQLM's settings in every AQLM row (bench/aqlm_quality.py's): greedy code search, 10 Adam
+# steps a round, at most 8 rounds; the search's options are built with the same
+AQLM_FLAGS = ("--beam-size", 1, "--steps-per-round", 10, "--lr", 1e-4, "--tolerance", 0.01,
+              "--max-rounds", 8)
 COMPRESSIONS = "0.5,0.75"
 SEARCH_SAMPLES = 2
 PAPER_COMPRESSION = 0.75
@@ -99,6 +103,8 @@ def uniform_flags(quantizer: str, budget: str) -> list:
     if quantizer == "gptq":
         bits, group = budget.split("@")
         return ["--bits", bits, "--group-size", group]
+    if quantizer == "aqlm":
+        return ["--codebooks", budget, *AQLM_FLAGS]
     return ["--codebook", budget]
 
 
@@ -117,6 +123,8 @@ def search_flags(quantizer: str, budget: str, samples: int = SEARCH_SAMPLES
         tag = f"gptq-g{group}"
     else:
         flags += ["--codebooks", sweep["codebooks"]]
+    if quantizer == "aqlm":
+        flags += ["--quantizer-flags", " ".join(map(str, AQLM_FLAGS))]
     return tag, flags
 
 

@@ -508,3 +508,37 @@ def test_calibrate_layers_runs_the_later_layers_in_those_layers_only(tiny_llama,
                *data) == 2
     assert "--calibrate-layers needs" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_quantizer_flags_reach_every_option_and_the_record(tiny_llama, tmp_path, monkeypatch,
+                                                           capsys):
+    """--quantizer-flags are parsed by casp gptq's own flags and build every option the
+    search quantizes (damp 0.2 here, not the default 0.01), while allocate's shared flags
+    win; they enter the record's settings (another value is not reused); a flag the
+    quantizer does not know is refused before any work, naming the quantizer."""
+    import casp.quant.gptq.layer_pass as gptq_layer_pass
+
+    src, calib_txt = tiny_llama
+    seen = []
+    init = gptq_layer_pass.GPTQPass.__init__
+
+    def spy(self, *a, **k):
+        seen.append((k.get("damp"), k.get("act_order"), k.get("block_size")))
+        init(self, *a, **k)
+
+    monkeypatch.setattr(gptq_layer_pass.GPTQPass, "__init__", spy)
+    plan = tmp_path / "plan.json"
+    data = ["--dataset", calib_txt] + CALIB
+    base = ["allocate", "--model", src, "--budget", "3.5", "--bits", "2,3", "--group-size",
+            "32", "--measured", "--search-samples", "4", "--no-act-order", *data]
+    assert run(*base, "--output", plan, "--quantizer-flags",
+               "--damp 0.2 --block-size 16 --act-order") == 0
+    assert seen and set(seen) == {(0.2, False, 16)}
+    record = json.loads(plan.with_suffix(".measured.json").read_text())
+    assert record["settings"]["quantizer"]["flags"] == "--damp 0.2 --block-size 16 --act-order"
+    assert run(*base, "--output", tmp_path / "bad.json", "--quantizer-flags",
+               "--steps-per-round 10") == 2
+    err = capsys.readouterr().err
+    assert "--quantizer-flags" in err and "casp gptq" in err and "--steps-per-round" in err
+    assert not (tmp_path / "bad.json").exists()
+    assert not (tmp_path / "bad.measured.json").exists()

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 from casp.cli.args import (add_calibration_args, add_model_args, bits_list, budget_text,
                            calibration_config, group, positive, ratio)
@@ -26,6 +28,10 @@ def cmd_allocate(args) -> int:
     from casp.quant.registry import QUANTIZER_LABELS, quantizer
 
     spec = quantizer(args.quantizer)
+    if args.quantizer_flags is not None and not args.measured:
+        raise CaspError("--quantizer-flags needs --measured (the search quantizes its options "
+                        "with them)")
+    quantizer_flags(spec, args.quantizer_flags, args.model)     # refuse bad flags before work
     codebooks = None
     if spec.coded:
         if args.codebooks is None:
@@ -91,7 +97,9 @@ def cmd_allocate(args) -> int:
                        budget)
         search = SensitivityPass(loaded.model, _measuring_quantizer(args, spec),
                                  {"quantizer": args.quantizer, "act_order": args.act_order,
-                                  "static_groups": args.static_groups},
+                                  "static_groups": args.static_groups,
+                                  **({"flags": args.quantizer_flags}
+                                     if args.quantizer_flags is not None else {})},
                                  rules, bits, compressions, args.rank_multiple,
                                  _search_batches(args),
                                  record=args.measurements or out.with_suffix(".measured.json"),
@@ -154,11 +162,36 @@ def _search_batches(args) -> int:
     return max(1, -(-args.search_samples // per_batch))
 
 
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CaspError(f"--quantizer-flags: {message}; give flags of casp {self.prog} "
+                        f"(see casp {self.prog} --help)")
+
+
+def quantizer_flags(spec, text: str | None, model: str) -> argparse.Namespace | None:
+    """``--quantizer-flags`` parsed by the quantizer's own flags (``casp <quantizer>``'s
+    names, defaults and checks), or None when not given."""
+    if text is None:
+        return None
+    p = _FlagParser(prog=spec.name, add_help=False)
+    for flag, options in spec.flags:
+        p.add_argument(flag, **options)
+    flags = p.parse_args(shlex.split(text))
+    flags.true_sequential, flags.model = True, model
+    return flags
+
+
 def _measuring_quantizer(args, spec):
     """The quantizer pass the measured search builds each option with, for a plan: the
-    quantizer's defaults but for the flags it shares with casp allocate."""
+    quantizer's defaults, or its --quantizer-flags, but for the flags it shares with casp
+    allocate (which win)."""
     options = {name: getattr(args, name) for name in spec.search_options}
-    return lambda plan: spec.pass_type(plan=plan, **options)
+    flags = quantizer_flags(spec, args.quantizer_flags, args.model)
+    if flags is None:
+        return lambda plan: spec.pass_type(plan=plan, **options)
+    vars(flags).update(options)
+    return lambda plan: spec.pass_from_flags(
+        flags, SimpleNamespace(modules=plan, meta={}, fingerprint=lambda: None))
 
 
 def add_parser(sub) -> None:
@@ -256,6 +289,11 @@ def add_parser(sub) -> None:
     p.add_argument("--anchor-layers", type=positive, default=3,
                    help="with --measure-widths: layers, spread from the first to the last, "
                         "measured at every width (default: 3)")
+    p.add_argument("--quantizer-flags", default=None, metavar="FLAGS",
+                   help="with --measured: flags of casp QUANTIZER for the options the search "
+                        "builds (and --checkpoint assembles), one quoted string, e.g. "
+                        "\"--steps-per-round 10 --max-rounds 8\" for AQLM; pass the same to "
+                        "casp QUANTIZER --plan (default: the quantizer's defaults)")
     p.add_argument("--calibrate-layers", type=positive, default=None, metavar="N",
                    help="with --search-score calibrated: run the exact measurements (every "
                         "later layer, once per family of options) in N layers spread from "
