@@ -458,8 +458,8 @@ def table(rows: list[dict], args, check: dict | None) -> str:
     for r in rows:
         s = r["settings"]
         by.setdefault((s.get("quantizer"), s.get("setting"), r["method"]), {})[r["corpus"]] = r
-    lines = ["| quantizer | budget | method | avg bits | PPL wiki | PPL lee | time (s) | "
-             "what the plan chose |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| quantizer | budget | method | avg bits | PPL wiki | PPL lee | time (s) | run | "
+             "what the plan chose |", "|---|---|---|---|---|---|---|---|---|"]
     def order(key):
         quantizer, budget, method = key
         if quantizer is None:
@@ -475,12 +475,13 @@ def table(rows: list[dict], args, check: dict | None) -> str:
                 if s.get("identical_to") else lowrank_note(s).strip(" ()"))
         lines.append(f"| {quantizer or '-'} | {budget or '-'} | {NAMES.get(method, method)} | "
                      f"{w['avg_bits'] if w['avg_bits'] is not None else '-'} | {w['ppl']:.2f} | "
-                     f"{d['lee']['ppl']:.2f} | {w['quant_seconds'] or '-'} | {note or '-'} |")
+                     f"{d['lee']['ppl']:.2f} | {w['quant_seconds'] or '-'} | "
+                     f"{w['date'][:10]} | {note or '-'} |")
     r0 = rows[0]
     lines += ["", f"{calibration_note(args, r0)} from the packed form; search: low-rank options "
               f"{COMPRESSIONS} with factors at each width, divergences on {SEARCH_SAMPLES} "
               f"calibration windows; time: every stage of the row (the search counted in "
-              f"full); {r0['machine']}; {max(r['date'] for r in rows)}."]
+              f"full); run: the day the row was measured; {r0['machine']}."]
     check = dict(check or {})
     extrapolation = check.pop("extrapolation", None)
     if extrapolation:
