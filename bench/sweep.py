@@ -210,6 +210,19 @@ def paper_recipe(work: Path, quantizer: str, budget: str, args, log: Path
     return out, data, seconds
 
 
+def uniform_copies(rows: list[dict], method: str, quantizer: str, budget: str,
+                   settings: dict, quant_seconds: float | None = None) -> list[dict]:
+    """The uniform rows of this quantizer and budget (one per corpus) as ``method``'s: a
+    plan that is the uniform one. ``quant_seconds`` replaces the uniform row's time (the
+    search's counted too); ``settings`` are added to its settings."""
+    return [{**r, "method": method,
+             **({"quant_seconds": quant_seconds} if quant_seconds is not None else {}),
+             "settings": {**r["settings"], **settings, "identical_to": "uniform"}}
+            for r in rows if r["method"] == "uniform"
+            and r["settings"].get("setting") == budget
+            and r["settings"].get("quantizer") == quantizer]
+
+
 def run(args) -> list[dict]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -271,11 +284,8 @@ def run(args) -> list[dict]:
             if method == "alloc_m" and lowest:
                 # every part already at the smallest width: without low-rank nothing can be
                 # lowered to pay for a raise, so the plan is the uniform one (no search)
-                rows += [{**r, "method": method, "settings": {
-                    **r["settings"], "identical_to": "uniform", "by_construction": True}}
-                         for r in rows if r["method"] == "uniform"
-                         and r["settings"].get("setting") == budget
-                         and r["settings"].get("quantizer") == quantizer]
+                rows += uniform_copies(rows, method, quantizer, budget,
+                                       {"by_construction": True})
                 write(rows, args)
                 continue
             plan, data, search_s = plan_for(work, name, quantizer, budget, args, log,
@@ -291,12 +301,8 @@ def run(args) -> list[dict]:
             labels = {label for r in data["layers"] for label in r["units"].values()}
             if method == "alloc_m" and labels == {f"dense@{uniform_width(budget)}"}:
                 # every part at the uniform width: the plan is the uniform model
-                rows += [{**r, "method": method, "quant_seconds": round(
-                    search_s + uniform_s, 1), "settings": {**r["settings"], **settings,
-                                                          "identical_to": "uniform"}}
-                         for r in rows if r["method"] == "uniform"
-                         and r["settings"].get("setting") == budget
-                         and r["settings"].get("quantizer") == quantizer]
+                rows += uniform_copies(rows, method, quantizer, budget, settings,
+                                       round(search_s + uniform_s, 1))
                 continue
             if "--checkpoint" in extra:        # assembled by the search's own call
                 out = Path(extra[extra.index("--checkpoint") + 1])

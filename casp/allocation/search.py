@@ -576,9 +576,9 @@ def measured_plan(model: nn.Module, spec, measured: dict[int, dict], rules: Sett
     every module of the model as it will be after the chosen low-rank factorisations, each
     part's width, and the ranks. ``lowrank=False`` leaves the low-rank options out (the
     ablation: what the allocation alone buys); ``score`` is the measurement solved on
-    ("kl": the search's score; "fisher": its Fisher estimate). Estimates of layers not calibrated are
-    scaled first (:func:`spread_calibration`), then widths a layer was not measured at
-    extrapolated (:func:`extrapolate_widths`)."""
+    ("kl": the search's score; "fisher": its Fisher estimate). Estimates of layers not
+    calibrated are scaled first (:func:`spread_calibration`), then widths a layer was not
+    measured at extrapolated (:func:`extrapolate_widths`)."""
     measured = extrapolate_widths(spread_calibration(measured), widths)
     if not lowrank:
         measured = {i: {u: {k: v for k, v in r.items() if k.startswith("dense")}

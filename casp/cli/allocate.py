@@ -293,8 +293,8 @@ def add_parser(sub) -> None:
                    help="with --measured: flags of casp QUANTIZER for the options the search "
                         "builds (and --checkpoint assembles), one quoted string, e.g. "
                         "\"--steps-per-round 10 --max-rounds 8\" for AQLM; pass the same to "
-                        "casp QUANTIZER --plan; a single flag as --quantizer-flags=--FLAG (default: the "
-                        "quantizer's defaults)")
+                        "casp QUANTIZER --plan; a single flag as --quantizer-flags=--FLAG "
+                        "(default: the quantizer's defaults)")
     p.add_argument("--calibrate-layers", type=positive, default=None, metavar="N",
                    help="with --search-score calibrated: run the exact measurements (every "
                         "later layer, once per family of options) in N layers spread from "
